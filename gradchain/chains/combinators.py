@@ -1,0 +1,408 @@
+"""Combinators: transforms built from transforms.
+
+``chain`` composes, ``masked``/``partition``/``freeze`` route parameters, ``inject_hyperparams``
+schedules any numeric hyperparameter, ``multi_steps`` accumulates gradients and
+``apply_if_finite`` skips steps with non-finite gradients.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from gradchain.core import (
+    GradientTransformation,
+    Selector,
+    Tree,
+    as_tree,
+    check_structure,
+    expand_state,
+    leaves,
+    merge_state,
+    names,
+    resolve,
+    select_state,
+    selected_indices,
+    subset,
+    zeros_like_state,
+)
+
+__all__ = [
+    "chain",
+    "named_chain",
+    "masked",
+    "partition",
+    "freeze",
+    "inject_hyperparams",
+    "multi_steps",
+    "apply_if_finite",
+]
+
+_TREE_EXTRAS = ("grads", "val_grads")
+
+
+def _check_terminal_last(members: list[tuple[str, GradientTransformation]]) -> None:
+    for position, (name, tx) in enumerate(members[:-1]):
+        if tx.terminal:
+            raise ValueError(
+                f"chain member {name!r} (position {position}) is terminal: it emits the final "
+                "parameter displacement and must be the last member of the chain"
+            )
+
+
+def _entry(updates: Tree, params: Tree | None, extras: dict[str, Any]) -> Tree:
+    """At the outermost chain: check the structure, widen 16-bit updates to float32 and record
+    the raw gradient as the ``grads`` extra."""
+    if "grads" in extras:
+        return updates
+    if params is not None:
+        check_structure(updates, params)
+    u = leaves(updates)
+    if any(t.dtype in (torch.bfloat16, torch.float16) for t in u):
+        updates = as_tree(updates, [t.float() if t.dtype in (torch.bfloat16, torch.float16)
+                                    else t for t in u])
+    extras["grads"] = updates
+    return updates
+
+
+def _sequential(members: list[tuple[str, GradientTransformation]], keyed: bool
+                ) -> GradientTransformation:
+    _check_terminal_last(members)
+
+    def init(params: Tree):
+        states = [(name, tx.init(params)) for name, tx in members]
+        return dict(states) if keyed else tuple(s for _, s in states)
+
+    def update(updates: Tree, state, params: Tree | None = None, **extras: Any):
+        updates = _entry(updates, params, extras)
+        new_states = []
+        for name, tx in members:
+            updates, member_state = tx.update(updates, state[name if keyed else len(new_states)],
+                                              params, **extras)
+            new_states.append((name, member_state))
+        return updates, dict(new_states) if keyed else tuple(s for _, s in new_states)
+
+    return GradientTransformation(
+        init, update,
+        terminal=bool(members) and members[-1][1].terminal,
+        leafwise=all(tx.leafwise for _, tx in members),
+    )
+
+
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Apply transforms one after the other: :math:`o = T_n(\\dots T_1(u))`.
+
+    Every member sees the same ``params`` and extras; the outermost chain adds ``grads`` (the raw
+    gradient as it entered), checks that the updates match the params, and widens 16-bit
+    updates to float32. State: a tuple of the members' states (checkpoint keys ``"0.mu"``, ...;
+    use ``named_chain`` for readable keys). A terminal member must be last.
+
+    Example:
+        >>> from gradchain.transforms import scale_by_adam, scale_by_learning_rate
+        >>> tx = chain(scale_by_adam(), scale_by_learning_rate(1e-3))
+    """
+    for tx in transforms:
+        if not isinstance(tx, GradientTransformation):
+            raise TypeError(f"chain takes GradientTransformations, got {type(tx).__name__}")
+    return _sequential([(str(i), tx) for i, tx in enumerate(transforms)], keyed=False)
+
+
+def named_chain(*members: tuple[str, GradientTransformation]) -> GradientTransformation:
+    """``chain`` with a name per member; the state is a dict ``name -> state``.
+
+    Names become checkpoint keys (``"adam.mu"``), so they are part of a recipe's stable contract.
+
+    Example:
+        >>> from gradchain.transforms import scale_by_adam, scale_by_learning_rate
+        >>> tx = named_chain(("adam", scale_by_adam()), ("lr", scale_by_learning_rate(1e-3)))
+    """
+    seen: set[str] = set()
+    for member in members:
+        if not (isinstance(member, tuple) and len(member) == 2
+                and isinstance(member[1], GradientTransformation)):
+            raise TypeError("named_chain takes (name, transform) pairs")
+        name = member[0]
+        if not isinstance(name, str) or not name or "." in name or name in seen:
+            raise ValueError(f"named_chain member names must be unique non-empty strings "
+                             f"without '.', got {name!r}")
+        seen.add(name)
+    return _sequential(list(members), keyed=True)
+
+
+def _sub_extras(extras: dict[str, Any], index: list[int]) -> dict[str, Any]:
+    out = dict(extras)
+    for key in _TREE_EXTRAS:
+        if out.get(key) is not None:
+            out[key] = subset(out[key], index)
+    return out
+
+
+def _run_on(inner: GradientTransformation, index: list[int], updates: Tree, state, params,
+            extras: dict[str, Any]) -> tuple[list[Tensor], Any]:
+    """Run ``inner`` on the parameters at ``index``; returns its output leaves and the merged
+    state."""
+    out, inner_state = inner.update(
+        subset(updates, index), select_state(state, index),
+        None if params is None else subset(params, index), **_sub_extras(extras, index))
+    return leaves(out), merge_state(state, inner_state, index)
+
+
+def masked(inner: GradientTransformation, mask: Selector) -> GradientTransformation:
+    """Apply ``inner`` to the selected parameters; pass the others through unchanged.
+
+    ``mask``: name patterns (``["*.weight"]``), a mapping ``pattern -> bool`` (first match
+    wins), a callable ``(name, param) -> bool``, or one bool per parameter of a list tree. It is
+    evaluated on ``params`` (on ``updates`` when no params are given) and must select the same
+    parameters at every step. ``inner`` keeps state for the selected parameters only.
+
+    Example:
+        >>> from gradchain.transforms import add_decayed_weights
+        >>> tx = masked(add_decayed_weights(0.1), lambda name, p: p.ndim >= 2)
+    """
+
+    def chosen(updates: Tree, params: Tree | None) -> list[int]:
+        return [i for i, keep in enumerate(selected_indices(
+            updates if params is None else params, mask)) if keep]
+
+    def init(params: Tree):
+        index = chosen(params, None)
+        return expand_state(inner.init(subset(params, index)), index, len(leaves(params)))
+
+    def update(updates: Tree, state, params: Tree | None = None, **extras: Any):
+        index = chosen(updates, params)
+        out, state = _run_on(inner, index, updates, state, params, extras)
+        merged = leaves(updates)
+        for i, o in zip(index, out):
+            merged[i] = o
+        return as_tree(updates, merged), state
+
+    return GradientTransformation(init, update, terminal=inner.terminal, leafwise=inner.leafwise)
+
+
+def partition(transforms: Mapping[str, GradientTransformation], labels: Selector
+              ) -> GradientTransformation:
+    """Route every parameter to the transform of its label.
+
+    ``labels``: a callable ``(name, param) -> label``, a mapping ``name pattern -> label``
+    (first match wins; a dict of exact names is the same-structure tree of a dict), or one label
+    per parameter of a list tree. Each transform keeps state for its own parameters only; the
+    state is a dict ``label -> state``.
+
+    Example:
+        >>> from gradchain.transforms import scale_by_adam, scale_by_sign
+        >>> tx = partition({"adam": scale_by_adam(), "sign": scale_by_sign()},
+        ...                {"embed.*": "sign", "*": "adam"})
+    """
+    if not transforms:
+        raise ValueError("partition needs at least one labelled transform")
+
+    def groups(tree: Tree) -> dict[str, list[int]]:
+        index: dict[str, list[int]] = {label: [] for label in transforms}
+        for i, label in enumerate(selected_indices(tree, labels, what="labels")):
+            if label not in index:
+                raise ValueError(f"parameter {names(tree)[i]!r} has label {label!r}; "
+                                 f"known labels: {sorted(index)}")
+            index[label].append(i)
+        return index
+
+    def init(params: Tree):
+        size = len(leaves(params))
+        return {label: expand_state(transforms[label].init(subset(params, index)), index, size)
+                for label, index in groups(params).items()}
+
+    def update(updates: Tree, state, params: Tree | None = None, **extras: Any):
+        merged = leaves(updates)
+        new_state = {}
+        for label, index in groups(updates if params is None else params).items():
+            out, new_state[label] = _run_on(transforms[label], index, updates, state[label],
+                                            params, extras)
+            for i, o in zip(index, out):
+                merged[i] = o
+        return as_tree(updates, merged), new_state
+
+    members = list(transforms.values())
+    return GradientTransformation(init, update,
+                                  terminal=any(tx.terminal for tx in members),
+                                  leafwise=all(tx.leafwise for tx in members))
+
+
+def freeze(mask: Selector) -> GradientTransformation:
+    """Zero the updates of the selected parameters (they do not move).
+
+    Put it last in a chain (or route with ``partition``): transforms after it would still see
+    zeros and may move the parameters from their own state.
+
+    Example:
+        >>> tx = freeze(["embed.*"])
+    """
+
+    def init(params: Tree):
+        return ()
+
+    def update(updates: Tree, state, params: Tree | None = None, **extras: Any):
+        tree = updates if params is None else params
+        out = [torch.zeros_like(u) if keep else u
+               for u, keep in zip(leaves(updates), selected_indices(tree, mask))]
+        return as_tree(updates, out), state
+
+    return GradientTransformation(init, update, leafwise=True)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _schedulable(default: Any) -> bool:
+    return default is inspect.Parameter.empty or _is_number(default)
+
+
+class InjectState(NamedTuple):
+    count: int
+    hyperparams: dict[str, float]
+    inner: Any
+
+
+def inject_hyperparams(factory: Callable[..., GradientTransformation],
+                       static_args: tuple[str, ...] = ()) -> Callable[..., GradientTransformation]:
+    """Let any numeric hyperparameter of ``factory`` be a schedule of the step count.
+
+    ``inject_hyperparams(scale_by_adam)(b1=0.9, b2=lambda count: ...)`` rebuilds the inner
+    transform every step from the hyperparameters' current values, which it keeps in its state
+    (``state.hyperparams``) for inspection and logging. The inner state carries over from step
+    to step. A hyperparameter is scheduled when its value is a number or a callable, unless it
+    is named in ``static_args`` or its default is not a number (as for ``mask=None``).
+
+    Example:
+        >>> from gradchain.transforms import scale_by_adam
+        >>> from gradchain.schedules import linear_schedule
+        >>> tx = inject_hyperparams(scale_by_adam)(b1=linear_schedule(0.5, 0.9, 100))
+    """
+    signature = inspect.signature(factory)
+
+    def build(*args: Any, **kwargs: Any) -> GradientTransformation:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        hyper = dict(bound.arguments)
+        numeric = {k for k, v in hyper.items() if k not in static_args
+                   and _schedulable(signature.parameters[k].default)
+                   and (callable(v) or _is_number(v))}
+
+        def values(count: int) -> dict[str, Any]:
+            return {k: (resolve(v, count) if k in numeric else v) for k, v in hyper.items()}
+
+        first = factory(**values(0))
+
+        def init(params: Tree) -> InjectState:
+            current = values(0)
+            return InjectState(0, {k: current[k] for k in numeric}, first.init(params))
+
+        def update(updates: Tree, state: InjectState, params: Tree | None = None, **extras):
+            current = values(state.count)
+            inner = factory(**current)
+            updates, inner_state = inner.update(updates, state.inner, params, **extras)
+            return updates, InjectState(state.count + 1, {k: current[k] for k in numeric},
+                                        inner_state)
+
+        return GradientTransformation(init, update, terminal=first.terminal,
+                                      leafwise=first.leafwise)
+
+    return build
+
+
+class MultiStepsState(NamedTuple):
+    mini_step: int
+    accumulated: list[Tensor]
+    inner: Any
+
+
+def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransformation:
+    """Gradient accumulation: apply ``inner`` once every ``every_k`` calls, to the mean.
+
+    .. math::  o = \\text{inner}\\Big(\\tfrac1k \\sum_{j=1}^{k} u_j\\Big)
+               \\text{ on every } k\\text{-th call, } 0 \\text{ otherwise}
+
+    ``inner`` sees the mean as its gradient (the ``grads`` extra too) and advances its own step
+    count only when it runs. State: one accumulator per parameter.
+
+    Example:
+        >>> from gradchain.transforms import scale_by_learning_rate
+        >>> tx = multi_steps(scale_by_learning_rate(0.1), every_k=4)
+    """
+    if not isinstance(every_k, int) or every_k < 1:
+        raise ValueError(f"every_k must be an integer >= 1, got {every_k!r}")
+
+    def init(params: Tree) -> MultiStepsState:
+        return MultiStepsState(0, zeros_like_state(leaves(params)), inner.init(params))
+
+    def update(updates: Tree, state: MultiStepsState, params: Tree | None = None, **extras):
+        u, acc = leaves(updates), state.accumulated
+        if u:
+            torch._foreach_add_(acc, u)
+        if state.mini_step + 1 < every_k:
+            zeros = as_tree(updates, [torch.zeros_like(a) for a in acc])
+            return zeros, MultiStepsState(state.mini_step + 1, acc, state.inner)
+        mean = [a / every_k for a in acc]
+        mean_tree = as_tree(updates, mean)
+        out, inner_state = inner.update(mean_tree, state.inner, params,
+                                        **{**extras, "grads": mean_tree})
+        if acc:
+            torch._foreach_zero_(acc)
+        return out, MultiStepsState(0, acc, inner_state)
+
+    return GradientTransformation(init, update, terminal=inner.terminal,
+                                  leafwise=inner.leafwise)
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """One host synchronisation: the max-norm of a tensor is finite iff all its entries are."""
+    norms = torch._foreach_norm(tensors, ord=math.inf)
+    device = norms[0].device
+    return bool(torch.stack([n.to(device, torch.float32) for n in norms]).isfinite().all())
+
+
+class ApplyIfFiniteState(NamedTuple):
+    consecutive_skips: int
+    total_skips: int
+    inner: Any
+
+
+def apply_if_finite(inner: GradientTransformation, max_consecutive_skips: int = 10
+                    ) -> GradientTransformation:
+    """Skip steps whose updates hold a NaN or infinity; keep the inner state untouched.
+
+    The check runs before ``inner`` (which may update its state in place), costs one host
+    synchronisation per step, and outputs zeros on a skipped step. After
+    ``max_consecutive_skips`` skipped steps in a row, the next non-finite step raises
+    ``FloatingPointError``, since training is then stuck. The skip counters are in the state.
+
+    Example:
+        >>> from gradchain.transforms import scale_by_adam
+        >>> tx = apply_if_finite(scale_by_adam(), max_consecutive_skips=5)
+    """
+    if not isinstance(max_consecutive_skips, int) or max_consecutive_skips < 0:
+        raise ValueError(f"max_consecutive_skips must be an integer >= 0, "
+                         f"got {max_consecutive_skips!r}")
+
+    def init(params: Tree) -> ApplyIfFiniteState:
+        return ApplyIfFiniteState(0, 0, inner.init(params))
+
+    def update(updates: Tree, state: ApplyIfFiniteState, params: Tree | None = None, **extras):
+        u = leaves(updates)
+        finite = not u or _all_finite(u)
+        if finite:
+            out, inner_state = inner.update(updates, state.inner, params, **extras)
+            return out, ApplyIfFiniteState(0, state.total_skips, inner_state)
+        skips = state.consecutive_skips + 1
+        if skips > max_consecutive_skips:
+            raise FloatingPointError(
+                f"non-finite updates on {skips} consecutive steps; lower the learning rate, "
+                "check the loss for overflow, or raise max_consecutive_skips")
+        zeros = as_tree(updates, [torch.zeros_like(t) for t in u])
+        return zeros, ApplyIfFiniteState(skips, state.total_skips + 1, state.inner)
+
+    return GradientTransformation(init, update, terminal=inner.terminal)

@@ -1,0 +1,466 @@
+"""The contracts every transform, combinator and optimizer of gradchain stands on.
+
+Trees
+    ``params`` and ``updates`` are *trees*: a list of tensors or a dict ``name -> tensor``.
+    Every transform returns the structure it was given. Names matter: masks and partitions
+    select parameters by name (``fnmatch`` patterns), by predicate, or by a same-structure tree.
+
+State
+    A transform holds configuration only; its mutable data lives in the state it returns. States
+    are built from NamedTuples, tuples and dicts, and follow one rule that the optimizer adapter,
+    checkpoints and combinators rely on:
+
+        **a ``list`` inside a state holds one entry per parameter, in tree order;**
+        anything else that is not a tuple or dict (ints, floats, 0-d tensors) is group-wide.
+
+    With this rule a state can be restricted to a subset of the parameters (``select_state``),
+    written back (``merge_state``), and flattened to torch's per-parameter ``state_dict`` layout
+    with stable, readable keys taken from the NamedTuple field names (``flatten_state``).
+
+Ownership
+    A transform may update its own state tensors in place, and may overwrite the updates it was
+    handed, except the raw gradient (``writable``) and never a tensor it keeps in its state:
+    outputs are handed over, so a later transform may write into them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Tree",
+    "Schedule",
+    "Hyper",
+    "Selector",
+    "GradientTransformation",
+    "EmptyState",
+    "leaves",
+    "as_tree",
+    "names",
+    "subset",
+    "selected_indices",
+    "apply_updates",
+    "writable",
+    "state_dtype",
+    "zeros_like_state",
+    "resolve",
+    "select_state",
+    "merge_state",
+    "expand_state",
+    "flatten_state",
+    "unflatten_state",
+    "check_structure",
+    "check_dense_real",
+    "check_non_negative",
+    "check_positive",
+    "check_decay",
+    "check_choice",
+]
+
+Tree = Union[list[Tensor], dict[str, Tensor]]
+Schedule = Callable[[int], float]
+Hyper = Union[float, Schedule]
+Selector = Union[Callable[[str, Tensor], Any], Sequence[Any], Mapping[str, Any]]
+
+
+class UpdateFn(Protocol):
+    def __call__(
+        self, updates: Tree, state: Any, params: Tree | None = None, **extras: Any
+    ) -> tuple[Tree, Any]: ...
+
+
+class GradientTransformation(NamedTuple):
+    """An ``init``/``update`` pair with two facts about it.
+
+    ``init(params) -> state`` and ``update(updates, state, params=None, **extras) ->
+    (updates, state)``. ``terminal`` transforms emit the final parameter displacement themselves
+    and must come last in a chain. ``leafwise`` transforms treat every parameter independently
+    (no reduction across parameters, and group-wide state that depends on the step count only),
+    so the optimizer adapter may run them over a few parameters at a time, while those are hot in
+    cache. A transform that is not sure is not leafwise.
+    """
+
+    init: Callable[[Tree], Any]
+    update: UpdateFn
+    terminal: bool = False
+    leafwise: bool = False
+
+
+class EmptyState(NamedTuple):
+    """The state of a transform that keeps none."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Trees
+
+
+def leaves(tree: Tree | Sequence[Tensor]) -> list[Tensor]:
+    """The tensors of a tree, in order (dict insertion order)."""
+    if isinstance(tree, Mapping):
+        return list(tree.values())
+    return list(tree)
+
+
+def as_tree(like: Tree, new_leaves: Sequence[Any]) -> Tree:
+    """``new_leaves`` arranged in the structure of ``like``."""
+    if isinstance(like, Mapping):
+        return dict(zip(like.keys(), new_leaves))
+    return list(new_leaves)
+
+
+def names(tree: Tree) -> list[str]:
+    """Parameter names: the dict keys, or the positions as strings for a list."""
+    if isinstance(tree, Mapping):
+        return [str(k) for k in tree.keys()]
+    return [str(i) for i in range(len(tree))]
+
+
+def subset(tree: Tree, index: Sequence[int]) -> Tree:
+    """The leaves at positions ``index``, in the structure of ``tree``."""
+    if isinstance(tree, Mapping):
+        keys = list(tree.keys())
+        return {keys[i]: tree[keys[i]] for i in index}
+    return [tree[i] for i in index]
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or fnmatch.fnmatchcase(name, pattern)
+
+
+def _lookup(name: str, table: Mapping[str, Any], what: str) -> Any:
+    for pattern, value in table.items():
+        if _matches(name, pattern):
+            return value
+    raise ValueError(
+        f"no {what} for parameter {name!r}: add its name or a pattern such as '*' to the mapping"
+    )
+
+
+def selected_indices(tree: Tree, selector: Selector, what: str = "mask") -> list[Any]:
+    """Evaluate a selector on every leaf of ``tree``; returns one value per leaf.
+
+    A selector is one of:
+
+    - a callable ``(name, tensor) -> value`` (names are dict keys, or positions as strings);
+    - a mapping ``pattern -> value``: the first ``fnmatch`` pattern matching the name wins
+      (a dict of exact names is the same-structure tree of a dict);
+    - a sequence of strings (patterns): ``True`` where a pattern matches, ``False`` elsewhere;
+    - a sequence of one value per leaf (the same-structure tree of a list).
+    """
+    tree_names = names(tree)
+    tensors = leaves(tree)
+    if callable(selector):
+        return [selector(n, t) for n, t in zip(tree_names, tensors)]
+    if isinstance(selector, Mapping):
+        return [_lookup(n, selector, what) for n in tree_names]
+    if isinstance(selector, (str, bytes)):
+        raise TypeError(f"{what} must be a list of patterns, not a single string: [{selector!r}]")
+    values = list(selector)
+    if values and all(isinstance(v, str) for v in values) and what == "mask":
+        return [any(_matches(n, p) for p in values) for n in tree_names]
+    if isinstance(tree, Mapping):
+        raise ValueError(
+            f"the parameters are named, so a {what} cannot be a list by position; use name "
+            "patterns, a mapping pattern -> value, or a callable (name, tensor) -> value"
+        )
+    if len(values) != len(tensors):
+        raise ValueError(
+            f"{what} has {len(values)} entries for {len(tensors)} parameters; give one per "
+            "parameter, a mapping of name patterns, or a callable (name, tensor) -> value"
+        )
+    return values
+
+
+# ----------------------------------------------------------------------------------------------
+# Updates
+
+
+def check_structure(updates: Tree, params: Tree, what: str = "updates") -> None:
+    """Raise ``ValueError`` unless ``updates`` has the structure and shapes of ``params``."""
+    if isinstance(updates, Mapping) != isinstance(params, Mapping):
+        raise ValueError(
+            f"{what} is a {type(updates).__name__} but params is a {type(params).__name__}; "
+            "pass both as lists or both as dicts"
+        )
+    if isinstance(params, Mapping):
+        if list(updates.keys()) != list(params.keys()):  # type: ignore[union-attr]
+            missing = set(params) - set(updates)  # type: ignore[arg-type]
+            extra = set(updates) - set(params)  # type: ignore[arg-type]
+            raise ValueError(
+                f"{what} and params have different names (missing: {sorted(missing)}, "
+                f"unexpected: {sorted(extra)}) or order"
+            )
+    u, p = leaves(updates), leaves(params)
+    if len(u) != len(p):
+        raise ValueError(f"{what} has {len(u)} tensors but params has {len(p)}")
+    for n, a, b in zip(names(params), u, p):
+        if a.shape != b.shape:
+            raise ValueError(
+                f"{what} for parameter {n!r} has shape {tuple(a.shape)}, "
+                f"the parameter has {tuple(b.shape)}"
+            )
+
+
+def check_dense_real(updates: Iterable[Tensor], transform: str) -> None:
+    """Raise ``ValueError`` for sparse or complex tensors, naming the transform."""
+    for u in updates:
+        if u.is_sparse or u.layout != torch.strided:
+            raise ValueError(
+                f"{transform} does not support sparse gradients; use a dense gradient "
+                "(e.g. nn.Embedding(sparse=False)) or a transform that takes sparse ones"
+            )
+        if u.is_complex():
+            raise ValueError(
+                f"{transform} does not support complex tensors; optimize "
+                "torch.view_as_real(param) instead"
+            )
+
+
+def writable(updates: Sequence[Tensor], extras: Mapping[str, Any]) -> list[Tensor]:
+    """The updates as tensors this transform may overwrite in place.
+
+    The raw gradient (the ``grads`` extra that ``chain`` sets) is cloned, so ``param.grad`` and
+    the ``grads`` seen by later transforms stay intact; every other tensor is returned as is.
+    Outside a chain (no ``grads`` extra) everything is cloned.
+    """
+    raw = extras.get("grads")
+    if raw is None:
+        return [u.clone() for u in updates]
+    raw_ids = {id(g) for g in leaves(raw)}
+    return [u.clone() if id(u) in raw_ids else u for u in updates]
+
+
+@torch.no_grad()
+def apply_updates(params: Tree, updates: Tree) -> Tree:
+    """``x <- x + u`` for every parameter, in place; returns ``params``.
+
+    Updates of another floating dtype (float32 updates of bfloat16 parameters) are added in the
+    wider dtype and rounded once to the parameter dtype.
+
+    Example:
+        >>> p = [torch.ones(2)]
+        >>> apply_updates(p, [torch.full((2,), -0.5)])
+        [tensor([0.5000, 0.5000])]
+    """
+    check_structure(updates, params)
+    p, u = leaves(params), leaves(updates)
+    if p:
+        torch._foreach_add_(p, u)
+    return params
+
+
+# ----------------------------------------------------------------------------------------------
+# State helpers
+
+
+def state_dtype(param: Tensor) -> torch.dtype:
+    """Per-parameter state dtype: float32 for 16-bit floats, the parameter's dtype otherwise."""
+    if param.dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return param.dtype
+
+
+def zeros_like_state(params: Iterable[Tensor]) -> list[Tensor]:
+    """One zero buffer per parameter, in the state dtype (``state_dtype``)."""
+    return [torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
+            for p in params]
+
+
+def resolve(value: Hyper, count: int) -> float:
+    """A hyperparameter's value at step ``count``: ``value(count)`` for a schedule."""
+    return value(count) if callable(value) else value
+
+
+def _is_namedtuple(x: Any) -> bool:
+    return isinstance(x, tuple) and hasattr(x, "_fields")
+
+
+def _rebuild(like: tuple, items: Iterable[Any]) -> tuple:
+    return type(like)(*items) if _is_namedtuple(like) else tuple(items)
+
+
+def select_state(state: Any, index: Sequence[int]) -> Any:
+    """The state restricted to the parameters at positions ``index``."""
+    if isinstance(state, list):
+        return [state[i] for i in index]
+    if isinstance(state, tuple):
+        return _rebuild(state, (select_state(s, index) for s in state))
+    if isinstance(state, dict):
+        return {k: select_state(v, index) for k, v in state.items()}
+    return state
+
+
+def merge_state(full: Any, part: Any, index: Sequence[int]) -> Any:
+    """Write a restricted state back: per-parameter entries at ``index``, group-wide values from
+    ``part``."""
+    if isinstance(full, list):
+        merged = list(full)
+        for j, i in enumerate(index):
+            merged[i] = part[j]
+        return merged
+    if isinstance(full, tuple):
+        return _rebuild(full, (merge_state(f, p, index) for f, p in zip(full, part)))
+    if isinstance(full, dict):
+        return {k: merge_state(full[k], part[k], index) for k in full}
+    return part
+
+
+def expand_state(part: Any, index: Sequence[int], size: int) -> Any:
+    """A state over ``size`` parameters from one over the parameters at ``index`` (``None``
+    for the others)."""
+    if isinstance(part, list):
+        full: list[Any] = [None] * size
+        for j, i in enumerate(index):
+            full[i] = part[j]
+        return full
+    if isinstance(part, tuple):
+        return _rebuild(part, (expand_state(p, index, size) for p in part))
+    if isinstance(part, dict):
+        return {k: expand_state(v, index, size) for k, v in part.items()}
+    return part
+
+
+def _child_paths(state: tuple | dict) -> Iterable[tuple[str, Any]]:
+    if isinstance(state, dict):
+        return ((str(k), v) for k, v in state.items())
+    if _is_namedtuple(state):
+        return zip(state._fields, state)
+    return ((str(i), v) for i, v in enumerate(state))
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _flatten_entry(entry: Any, path: str, out: dict[str, Any]) -> None:
+    if entry is None:
+        return
+    if isinstance(entry, (tuple, list)):
+        for key, value in _child_paths(entry if isinstance(entry, tuple) else tuple(entry)):
+            _flatten_entry(value, _join(path, key), out)
+    else:
+        out[path] = entry
+
+
+def flatten_state(state: Any, size: int, prefix: str = "") -> tuple[list[dict[str, Any]],
+                                                                     dict[str, Any]]:
+    """Flatten a state over ``size`` parameters to ``(per_parameter, group_wide)`` dicts.
+
+    Keys are dotted paths of NamedTuple field names, dict keys and tuple positions, e.g.
+    ``"adam.mu"`` for the ``mu`` field of the chain member named ``adam``.
+    """
+    per_param: list[dict[str, Any]] = [{} for _ in range(size)]
+    group: dict[str, Any] = {}
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, list):
+            if len(node) != size:
+                raise ValueError(f"state list {path!r} has {len(node)} entries for {size} "
+                                 "parameters; lists in a state hold one entry per parameter")
+            for i, entry in enumerate(node):
+                _flatten_entry(entry, path, per_param[i])
+        elif isinstance(node, (tuple, dict)):
+            for key, child in _child_paths(node):
+                walk(child, _join(path, key))
+        else:
+            group[path] = node
+
+    walk(state, prefix)
+    return per_param, group
+
+
+def _cast_like(value: Any, like: Any, key: str) -> Any:
+    if isinstance(like, Tensor):
+        if not isinstance(value, Tensor):
+            value = torch.as_tensor(value)
+        if value.shape != like.shape:
+            raise ValueError(f"checkpoint entry {key!r} has shape {tuple(value.shape)}, "
+                             f"expected {tuple(like.shape)}")
+        return value.to(device=like.device, dtype=like.dtype, copy=True)
+    return value
+
+
+def _unflatten_entry(like: Any, path: str, source: Mapping[str, Any]) -> Any:
+    if like is None:
+        return None
+    if isinstance(like, (tuple, list)):
+        items = [_unflatten_entry(v, _join(path, k), source)
+                 for k, v in _child_paths(tuple(like) if isinstance(like, list) else like)]
+        return items if isinstance(like, list) else _rebuild(like, items)
+    if path not in source:
+        raise KeyError(f"checkpoint lacks state entry {path!r}; was it saved by an optimizer "
+                       "with the same transform?")
+    return _cast_like(source[path], like, path)
+
+
+def unflatten_state(template: Any, per_param: Sequence[Mapping[str, Any]],
+                    group: Mapping[str, Any], prefix: str = "") -> Any:
+    """Inverse of ``flatten_state``: a state shaped like ``template`` (a fresh ``init``) with
+    the saved values, cast to the template's dtypes and devices."""
+
+    def walk(node: Any, path: str) -> Any:
+        if isinstance(node, list):
+            return [_unflatten_entry(entry, path, per_param[i]) for i, entry in enumerate(node)]
+        if isinstance(node, dict):
+            return {k: walk(v, _join(path, str(k))) for k, v in node.items()}
+        if isinstance(node, tuple):
+            return _rebuild(node, (walk(v, _join(path, k)) for k, v in _child_paths(node)))
+        if path not in group:
+            raise KeyError(f"checkpoint lacks state entry {path!r}; was it saved by an "
+                           "optimizer with the same transform?")
+        return _cast_like(group[path], node, path)
+
+    return walk(template, prefix)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_number(name: str, value: Any) -> bool:
+    """True when ``value`` is a number to check, False for a schedule (checked when used)."""
+    if callable(value):
+        return False
+    if isinstance(value, Tensor) and value.numel() == 1:
+        return True
+    if not _is_number(value):
+        raise ValueError(f"{name} must be a number or a schedule (a callable of the step), "
+                         f"got {value!r}")
+    if math.isnan(value):
+        raise ValueError(f"{name} must not be NaN")
+    return True
+
+
+def check_non_negative(name: str, value: Any) -> None:
+    """``ValueError`` unless ``value >= 0`` (schedules pass)."""
+    if _check_number(name, value) and not float(value) >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def check_positive(name: str, value: Any) -> None:
+    """``ValueError`` unless ``value > 0`` (schedules pass)."""
+    if _check_number(name, value) and not float(value) > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def check_decay(name: str, value: Any) -> None:
+    """``ValueError`` unless ``0 <= value < 1`` (schedules pass)."""
+    if _check_number(name, value) and not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
+    """``ValueError`` unless ``value`` is one of ``choices``."""
+    allowed = list(choices)
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

@@ -1,0 +1,9 @@
+"""``torch.optim.Optimizer`` adapters: the generic ``ChainOptimizer`` and the named classes."""
+
+from gradchain.optimizers.adapter import ChainOptimizer
+from gradchain.optimizers.standard import SGD, Adam, AdamW
+
+#: Named optimizers by lower-case name, as the command line knows them.
+OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
+
+__all__ = ["ChainOptimizer", "SGD", "Adam", "AdamW", "OPTIMIZERS"]

@@ -1,0 +1,337 @@
+"""``ChainOptimizer``: any transform or recipe as a real ``torch.optim.Optimizer``."""
+
+from __future__ import annotations
+
+import inspect
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from copy import deepcopy
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradchain.core import (
+    GradientTransformation,
+    flatten_state,
+    leaves,
+    merge_state,
+    resolve,
+    select_state,
+    unflatten_state,
+)
+
+__all__ = ["ChainOptimizer"]
+
+Recipe = Callable[..., GradientTransformation]
+
+#: On CPU, a leafwise chain runs over parameters in chunks of about this many elements, each
+#: applied while its tensors are still in cache (torch's CPU foreach ops run one tensor at a
+#: time, so a whole-list pass per op streams every buffer through memory once per op).
+CHUNK_ELEMENTS = 1 << 18
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _recipe_arguments(recipe: Recipe) -> dict[str, inspect.Parameter]:
+    parameters = inspect.signature(recipe).parameters
+    for name, p in parameters.items():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.POSITIONAL_ONLY):
+            raise TypeError(f"a recipe takes named hyperparameters only; {recipe.__name__} "
+                            f"has {p}")
+    return dict(parameters)
+
+
+def _group_key(argument: str) -> str:
+    """Recipes call the learning rate ``learning_rate``; param groups call it ``lr``."""
+    return "lr" if argument == "learning_rate" else argument
+
+
+class ChainOptimizer(torch.optim.Optimizer):
+    """A gradient transformation (or a recipe) driving ``torch.optim``'s machinery.
+
+    ``transform`` is either a ``GradientTransformation`` (fixed hyperparameters) or a *recipe*,
+    a function of keyword hyperparameters returning one (``gradchain.chains.adamw``). With a
+    recipe, its hyperparameters live in ``param_groups`` (the recipe's ``learning_rate`` is the
+    group's ``"lr"``), every group may set its own, the transform is rebuilt from the group's
+    current values when they change (so ``torch.optim.lr_scheduler`` works unmodified), and a
+    hyperparameter may also be a schedule ``f(step)``, evaluated at the group's step count
+    without being written back. Invalid hyperparameters raise ``ValueError`` at construction and
+    in ``add_param_group``.
+
+    ``step(closure=None)`` skips parameters whose ``.grad`` is None (as torch does) and passes
+    the chain the ``loss`` (when a closure is given) and ``step`` extras. Gradients of 16-bit
+    parameters are widened to float32; the state of such parameters is float32. The state
+    lives in one state per group; ``state_dict()`` flattens it to torch's per-parameter layout,
+    with keys from the chain (``"adam.mu"``, ``"step"``), loadable with
+    ``torch.load(weights_only=True)``. ``optimizer.state[p]`` shows the same view.
+
+    ``compile=True`` runs each group's update and its application through ``torch.compile``
+    (one fused graph per group); eager mode is the reference. Leafwise chains in eager mode on
+    CPU run over a few parameters at a time while they are hot in cache.
+
+    Example:
+        >>> from gradchain.chains import adamw
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = ChainOptimizer(model.parameters(), adamw, lr=1e-3, weight_decay=0.1)
+        >>> model(torch.randn(8, 4)).square().mean().backward(); opt.step()
+    """
+
+    def __init__(self, params: Iterable[Any], transform: GradientTransformation | Recipe, *,
+                 compile: bool = False, **hyperparameters: Any) -> None:
+        if isinstance(transform, GradientTransformation):
+            if hyperparameters:
+                raise ValueError(
+                    f"hyperparameters {sorted(hyperparameters)} need a recipe (a function "
+                    "returning the transform), not a built transform")
+            self._recipe: Recipe | None = None
+            self._fixed: GradientTransformation | None = transform
+            self._arguments: dict[str, str] = {}
+            self._schedulable: set[str] = set()
+            defaults: dict[str, Any] = {}
+        elif callable(transform):
+            self._recipe, self._fixed = transform, None
+            arguments = _recipe_arguments(transform)
+            self._arguments = {_group_key(a): a for a in arguments}
+            self._schedulable = {_group_key(a) for a, p in arguments.items()
+                                 if p.default is inspect.Parameter.empty or _is_number(p.default)}
+            unknown = set(hyperparameters) - set(self._arguments)
+            if unknown:
+                raise ValueError(f"unknown hyperparameters {sorted(unknown)} for "
+                                 f"{transform.__name__}; it takes {sorted(self._arguments)}")
+            defaults = {key: p.default for key, p in
+                        ((_group_key(a), p) for a, p in arguments.items())
+                        if p.default is not inspect.Parameter.empty}
+            defaults.update(hyperparameters)
+        else:
+            raise TypeError(f"transform must be a GradientTransformation or a recipe, "
+                            f"got {type(transform).__name__}")
+        self._compile = compile
+        self._group_states: list[Any] = []
+        self._group_steps: list[int] = []
+        self._built: list[tuple[Any, GradientTransformation, Callable | None] | None] = []
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------------------------------
+    # Groups and transforms
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (torch semantics); its hyperparameters are validated first."""
+        group = dict(param_group)
+        if self._recipe is not None:
+            missing = [k for k in self._arguments if k not in group and k not in self.defaults]
+            if missing:
+                raise ValueError(f"missing hyperparameters {missing} for "
+                                 f"{self._recipe.__name__}")
+            unknown = set(group) - set(self._arguments) - {"params", "param_names"}
+            if unknown:
+                raise ValueError(f"unknown hyperparameters {sorted(unknown)} for "
+                                 f"{self._recipe.__name__}; it takes {sorted(self._arguments)}")
+            self._build({**self.defaults, **group}, step=0)
+        params = group["params"]
+        for p in [params] if isinstance(params, Tensor) else list(params):
+            tensor = p[1] if isinstance(p, tuple) else p
+            if isinstance(tensor, Tensor) and tensor.is_complex():
+                raise ValueError("complex parameters are not supported; optimize "
+                                 "torch.view_as_real(param) instead")
+        super().add_param_group(group)
+        self._group_states.append(None)
+        self._group_steps.append(0)
+        self._built.append(None)
+
+    def _hyperparameters(self, group: dict[str, Any], step: int) -> dict[str, Any]:
+        return {argument: resolve(group[key], step) if key in self._schedulable else group[key]
+                for key, argument in self._arguments.items()}
+
+    def _build(self, group: dict[str, Any], step: int) -> GradientTransformation:
+        if self._fixed is not None:
+            return self._fixed
+        assert self._recipe is not None
+        return self._recipe(**self._hyperparameters(group, step))
+
+    def _transform(self, index: int) -> tuple[GradientTransformation, Callable | None]:
+        """The group's transform (and compiled step), rebuilt only when its hyperparameters
+        changed."""
+        group, step = self.param_groups[index], self._group_steps[index]
+        key = tuple(self._hyperparameters(group, step).items()) if self._recipe else None
+        cached = self._built[index]
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        tx = self._build(group, step)
+        compiled = torch.compile(_make_step(tx)) if self._compile else None
+        self._built[index] = (key, tx, compiled)
+        return tx, compiled
+
+    @staticmethod
+    def _names(group: dict[str, Any]) -> list[str]:
+        return list(group.get("param_names") or map(str, range(len(group["params"]))))
+
+    # ------------------------------------------------------------------------------------------
+    # Step
+
+    def _init_group(self, index: int, tx: GradientTransformation) -> Any:
+        group = self.param_groups[index]
+        return tx.init(dict(zip(self._names(group), group["params"])))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimization step over every group; returns the closure's loss, if any."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for index, group in enumerate(self.param_groups):
+            self._step_group(index, group, loss)
+        self._refresh_state_view()
+        return loss
+
+    def _step_group(self, index: int, group: dict[str, Any], loss: Any) -> None:
+        params: list[Tensor] = group["params"]
+        names = self._names(group)
+        active = [i for i, p in enumerate(params) if p.grad is not None]
+        if not active:
+            return
+        for i in active:
+            _check_gradient(names[i], params[i])
+        tx, compiled = self._transform(index)
+        state = self._group_states[index]
+        if state is None:
+            state = self._init_group(index, tx)
+        extras: dict[str, Any] = {"step": self._group_steps[index]}
+        if loss is not None:
+            extras["loss"] = loss
+        chunks = self._chunks(params, active) if tx.leafwise and compiled is None else [active]
+        run = compiled or _make_step(tx)
+        for chunk in chunks:
+            grads = {names[i]: _widen(params[i].grad) for i in chunk}
+            chunk_params = {names[i]: params[i] for i in chunk}
+            part = run(grads, select_state(state, chunk), chunk_params, extras)
+            state = merge_state(state, part, chunk)
+        self._group_states[index] = state
+        self._group_steps[index] += 1
+
+    @staticmethod
+    def _chunks(params: list[Tensor], active: list[int]) -> list[list[int]]:
+        if any(params[i].device.type != "cpu" for i in active):
+            return [active]
+        chunks, current, size = [], [], 0
+        for i in active:
+            current.append(i)
+            size += params[i].numel()
+            if size >= CHUNK_ELEMENTS:
+                chunks.append(current)
+                current, size = [], 0
+        if current:
+            chunks.append(current)
+        return chunks
+
+    # ------------------------------------------------------------------------------------------
+    # State
+
+    def _refresh_state_view(self) -> None:
+        view: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+        for index, group in enumerate(self.param_groups):
+            for p, entry in zip(group["params"], self._flat_group(index)):
+                view[p] = entry
+        self.state = view
+
+    def _flat_group(self, index: int) -> list[dict[str, Any]]:
+        state = self._group_states[index]
+        params = self.param_groups[index]["params"]
+        if state is None:
+            return [{} for _ in params]
+        per_param, shared = flatten_state(state, len(params))
+        head = {"step": self._group_steps[index], **shared}
+        return [{**head, **entry} for entry in per_param]
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's layout: ``{"state": {id: {key: value}}, "param_groups": [...]}``.
+
+        Keys are ``"step"`` plus the chain's state paths (``"adam.mu"``, ``"adam.count"``);
+        group-wide values are repeated in every parameter's entry, as torch does with ``step``.
+        """
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        packed_state: dict[int, dict[str, Any]] = {}
+        packed_groups = []
+        start = 0
+        for index, group in enumerate(self.param_groups):
+            ids = list(range(start, start + len(group["params"])))
+            start += len(ids)
+            packed_groups.append({**{k: v for k, v in group.items() if k != "params"},
+                                  "params": ids})
+            if self._group_states[index] is not None:
+                packed_state.update(zip(ids, self._flat_group(index)))
+        state_dict = {"state": packed_state, "param_groups": packed_groups}
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a ``state_dict()``; continuing gives the same trajectory as never stopping."""
+        state_dict = dict(state_dict)
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        saved_groups = deepcopy(state_dict["param_groups"])
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"the checkpoint has {len(saved_groups)} parameter groups, this "
+                             f"optimizer has {len(self.param_groups)}")
+        for group, saved in zip(self.param_groups, saved_groups):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError("a parameter group of the checkpoint has "
+                                 f"{len(saved['params'])} parameters, this optimizer's has "
+                                 f"{len(group['params'])}")
+        for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            ids = saved.pop("params")
+            group.update(saved)
+            entries = [state_dict["state"].get(i) for i in ids]
+            if all(e is None for e in entries):
+                self._group_states[index], self._group_steps[index] = None, 0
+                continue
+            if any(e is None for e in entries):
+                raise ValueError(f"parameter group {index} of the checkpoint has state for "
+                                 "some of its parameters only")
+            self._group_steps[index] = int(entries[0]["step"])
+            self._built[index] = None
+            template = self._init_group(index, self._transform(index)[0])
+            self._group_states[index] = unflatten_state(template, entries, entries[0])
+        self._refresh_state_view()
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def chain_state(self, index: int = 0) -> Any:
+        """The transform state of parameter group ``index`` (None before its first step)."""
+        return self._group_states[index]
+
+
+def _make_step(tx: GradientTransformation) -> Callable[..., Any]:
+    def step(grads: dict[str, Tensor], state: Any, params: dict[str, Tensor],
+             extras: dict[str, Any]) -> Any:
+        updates, state = tx.update(grads, state, params, grads=grads, **extras)
+        torch._foreach_add_(leaves(params), leaves(updates))
+        return state
+
+    return step
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _widen(grad: Tensor) -> Tensor:
+    return grad.float() if grad.dtype in _LOW_PRECISION else grad
+
+
+def _check_gradient(name: str, param: Tensor) -> None:
+    grad = param.grad
+    assert grad is not None
+    if grad.shape != param.shape:
+        raise ValueError(f"the gradient of parameter {name!r} has shape {tuple(grad.shape)}, "
+                         f"the parameter has {tuple(param.shape)}")
+    if grad.is_sparse or grad.layout != torch.strided:
+        raise ValueError(f"parameter {name!r} has a sparse gradient; this optimizer needs dense "
+                         "gradients (e.g. nn.Embedding(sparse=False))")
