@@ -225,15 +225,15 @@ def check_dense_real(updates: Iterable[Tensor], transform: str) -> None:
 def writable(updates: Sequence[Tensor], extras: Mapping[str, Any]) -> list[Tensor]:
     """The updates as tensors this transform may overwrite in place.
 
-    The raw gradient (the ``grads`` extra that ``chain`` sets) is cloned, so ``param.grad`` and
-    the ``grads`` seen by later transforms stay intact; every other tensor is returned as is.
-    Outside a chain (no ``grads`` extra) everything is cloned.
+    The raw gradient (the ``grads`` extra that ``chain`` sets, leaf for leaf in the same
+    positions as the updates) is cloned, so ``param.grad`` and the ``grads`` seen by later
+    transforms stay intact; every other tensor is returned as is. Outside a chain (no ``grads``
+    extra) everything is cloned.
     """
     raw = extras.get("grads")
     if raw is None:
         return [u.clone() for u in updates]
-    raw_ids = {id(g) for g in leaves(raw)}
-    return [u.clone() if id(u) in raw_ids else u for u in updates]
+    return [u.clone() if u is g else u for u, g in zip(updates, leaves(raw))]
 
 
 @torch.no_grad()

@@ -202,12 +202,13 @@ class ChainOptimizer(torch.optim.Optimizer):
             extras["loss"] = loss
         chunks = self._chunks(params, active) if tx.leafwise and compiled is None else [active]
         run = compiled or _make_step(tx)
-        for chunk in chunks:
+        before, after = state, state
+        for chunk in chunks:  # every chunk starts from the state as it was before the step
             grads = {names[i]: _widen(params[i].grad) for i in chunk}
             chunk_params = {names[i]: params[i] for i in chunk}
-            part = run(grads, select_state(state, chunk), chunk_params, extras)
-            state = merge_state(state, part, chunk)
-        self._group_states[index] = state
+            part = run(grads, select_state(before, chunk), chunk_params, extras)
+            after = merge_state(after, part, chunk)
+        self._group_states[index] = after
         self._group_steps[index] += 1
 
     @staticmethod
