@@ -222,18 +222,22 @@ def check_dense_real(updates: Iterable[Tensor], transform: str) -> None:
             )
 
 
-def writable(updates: Sequence[Tensor], extras: Mapping[str, Any]) -> list[Tensor]:
-    """The updates as tensors this transform may overwrite in place.
+def writable(updates: Sequence[Tensor], extras: Mapping[str, Any],
+             positions: Sequence[int] | None = None) -> list[Tensor]:
+    """The updates (those at ``positions``, default all) as tensors this transform may overwrite
+    in place.
 
     The raw gradient (the ``grads`` extra that ``chain`` sets, leaf for leaf in the same
     positions as the updates) is cloned, so ``param.grad`` and the ``grads`` seen by later
     transforms stay intact; every other tensor is returned as is. Outside a chain (no ``grads``
     extra) everything is cloned.
     """
+    index = range(len(updates)) if positions is None else positions
     raw = extras.get("grads")
     if raw is None:
-        return [u.clone() for u in updates]
-    return [u.clone() if u is g else u for u, g in zip(updates, leaves(raw))]
+        return [updates[i].clone() for i in index]
+    grads = leaves(raw)
+    return [updates[i].clone() if updates[i] is grads[i] else updates[i] for i in index]
 
 
 @torch.no_grad()

@@ -159,7 +159,7 @@ def add_decayed_weights(weight_decay: Hyper = 0.0, mask: Selector | None = None
         if not chosen:
             return u
         out = list(u)
-        decayed = writable([u[i] for i in chosen], extras)
+        decayed = writable(u, extras, chosen)
         torch._foreach_add_(decayed, [p[i] for i in chosen], alpha=decay)
         for i, d in zip(chosen, decayed):
             out[i] = d

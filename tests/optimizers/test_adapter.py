@@ -282,3 +282,20 @@ def test_compiled_step_matches_eager():
         trajectories.append(_params(model))
     for a, b in zip(*trajectories):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mask", [None, ["0.*"]], ids=["all", "masked"])
+def test_step_never_writes_into_param_grad(mask):
+    """In-place transforms clone the raw gradient first, also for a masked subset."""
+    from gradchain.transforms import add_decayed_weights, trace
+
+    model = _model()
+    tx = chains.chain(add_decayed_weights(0.5, mask=mask), trace(0.9),
+                      scale_by_learning_rate(0.1))
+    optimizer = ChainOptimizer(model.named_parameters(), tx)
+    model(torch.randn(4, 5)).square().mean().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    optimizer.step()
+    optimizer.step()
+    for p, g in zip(model.parameters(), grads):
+        assert torch.equal(p.grad, g)
