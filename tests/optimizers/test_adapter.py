@@ -284,7 +284,7 @@ def test_compiled_step_matches_eager():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("mask", [None, ["0.*"]], ids=["all", "masked"])
+@pytest.mark.parametrize("mask", [None, ["2.*"]], ids=["all", "masked"])
 def test_step_never_writes_into_param_grad(mask):
     """In-place transforms clone the raw gradient first, also for a masked subset."""
     from gradchain.transforms import add_decayed_weights, trace
