@@ -345,8 +345,8 @@ def _join(prefix: str, key: str) -> str:
 def _flatten_entry(entry: Any, path: str, out: dict[str, Any]) -> None:
     if entry is None:
         return
-    if isinstance(entry, (tuple, list)):
-        for key, value in _child_paths(entry if isinstance(entry, tuple) else tuple(entry)):
+    if isinstance(entry, (tuple, list, dict)):
+        for key, value in _child_paths(tuple(entry) if isinstance(entry, list) else entry):
             _flatten_entry(value, _join(path, key), out)
     else:
         out[path] = entry
@@ -393,6 +393,8 @@ def _cast_like(value: Any, like: Any, key: str) -> Any:
 def _unflatten_entry(like: Any, path: str, source: Mapping[str, Any]) -> Any:
     if like is None:
         return None
+    if isinstance(like, dict):
+        return {k: _unflatten_entry(v, _join(path, str(k)), source) for k, v in like.items()}
     if isinstance(like, (tuple, list)):
         items = [_unflatten_entry(v, _join(path, k), source)
                  for k, v in _child_paths(tuple(like) if isinstance(like, list) else like)]

@@ -360,6 +360,9 @@ def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransfor
 
 def _all_finite(tensors: list[Tensor]) -> bool:
     """One host synchronisation: the max-norm of a tensor is finite iff all its entries are."""
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return True
     norms = torch._foreach_norm(tensors, ord=math.inf)
     device = norms[0].device
     return bool(torch.stack([n.to(device, torch.float32) for n in norms]).isfinite().all())

@@ -1,0 +1,428 @@
+"""chain and named_chain: composition, the ``grads`` extra, input safety, structure checks,
+terminal members and 16-bit widening."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gradchain.chains import chain, masked, named_chain, partition
+from gradchain.core import EmptyState, GradientTransformation, apply_updates, leaves
+from gradchain.transforms import (
+    add_decayed_weights,
+    clip,
+    clip_by_global_norm,
+    identity,
+    scale,
+    scale_by_adam,
+    scale_by_learning_rate,
+    scale_by_sign,
+    trace,
+)
+
+
+def _spy(log: list, leafwise: bool = True) -> GradientTransformation:
+    """Passes the updates through and records what it was handed (cloned values)."""
+
+    def init(params):
+        return EmptyState()
+
+    def update(updates, state, params=None, **extras):
+        log.append({
+            "updates": [u.clone() for u in leaves(updates)],
+            "dtypes": [u.dtype for u in leaves(updates)],
+            "grads": None if extras.get("grads") is None
+            else [g.clone() for g in leaves(extras["grads"])],
+            "grads_dtypes": None if extras.get("grads") is None
+            else [g.dtype for g in leaves(extras["grads"])],
+            "extras": dict(extras),
+            "params": params,
+        })
+        return updates, state
+
+    return GradientTransformation(init, update, leafwise=leafwise)
+
+
+def _terminal() -> GradientTransformation:
+    return GradientTransformation(lambda params: EmptyState(),
+                                  lambda updates, state, params=None, **extras: (updates, state),
+                                  terminal=True)
+
+
+def _params(dtype=torch.float64) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return {"w": torch.randn(3, 2, generator=g, dtype=dtype),
+            "b": torch.randn(3, generator=g, dtype=dtype)}
+
+
+def _grads(seed: int, dtype=torch.float64) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + seed)
+    return {"w": torch.randn(3, 2, generator=g, dtype=dtype),
+            "b": torch.randn(3, generator=g, dtype=dtype)}
+
+
+def _clone(tree):
+    return {k: v.clone() for k, v in tree.items()} if isinstance(tree, dict) \
+        else [v.clone() for v in tree]
+
+
+def _assert_tree_equal(a, b):
+    assert type(a) is type(b)
+    if isinstance(a, dict):
+        assert list(a) == list(b)
+    for x, y in zip(leaves(a), leaves(b)):
+        assert x.dtype == y.dtype
+        assert torch.equal(x, y)
+
+
+# ----------------------------------------------------------------------------------------------
+# Composition
+
+
+def test_chain_equals_members_applied_one_after_another():
+    members = [trace(0.5), scale_by_adam(b1=0.8, b2=0.95), add_decayed_weights(0.1),
+               clip(0.7), scale_by_learning_rate(0.03)]
+    tx = chain(*members)
+    params = _params()
+    state = tx.init(params)
+    states = [m.init(params) for m in members]
+    for step in range(4):
+        g = _grads(step)
+        out, state = tx.update(_clone(g), state, params)
+        manual = _clone(g)
+        for i, m in enumerate(members):
+            manual, states[i] = m.update(manual, states[i], params)
+        _assert_tree_equal(out, manual)
+
+
+def test_chain_adamw_matches_closed_form_over_steps():
+    b1, b2, eps, wd, lr = 0.9, 0.99, 1e-8, 0.1, 0.05
+    tx = chain(scale_by_adam(b1, b2, eps), add_decayed_weights(wd), scale_by_learning_rate(lr))
+    params = _params()
+    x = _clone(params)
+    state = tx.init(params)
+    m = {k: torch.zeros_like(v) for k, v in x.items()}
+    v = {k: torch.zeros_like(v) for k, v in x.items()}
+    for step in range(5):
+        g = _grads(step)
+        out, state = tx.update(g, state, params)
+        apply_updates(params, out)
+        t = step + 1
+        for k in x:
+            m[k] = b1 * m[k] + (1 - b1) * g[k]
+            v[k] = b2 * v[k] + (1 - b2) * g[k] ** 2
+            direction = (m[k] / (1 - b1**t)) / ((v[k] / (1 - b2**t)).sqrt() + eps)
+            x[k] = x[k] - lr * (direction + wd * x[k])
+        for k in x:
+            torch.testing.assert_close(params[k], x[k], rtol=1e-12, atol=1e-14)
+
+
+def test_empty_chain_is_identity():
+    tx = chain()
+    g = _grads(0)
+    out, _ = tx.update(_clone(g), tx.init(_params()), _params())
+    _assert_tree_equal(out, g)
+
+
+def test_chain_rejects_non_transform_members():
+    with pytest.raises(TypeError, match="GradientTransformation"):
+        chain(scale(1.0), lambda u: u)
+
+
+def test_chain_state_is_tuple_of_member_states_in_order():
+    tx = chain(trace(0.9), scale_by_adam())
+    state = tx.init(_params())
+    assert isinstance(state, tuple) and len(state) == 2
+    assert hasattr(state[0], "momentum") and hasattr(state[1], "mu")
+
+
+def test_chain_leafwise_only_when_every_member_is():
+    assert chain(scale_by_adam(), scale_by_learning_rate(0.1)).leafwise
+    assert not chain(scale_by_adam(), clip_by_global_norm(1.0)).leafwise
+
+
+# ----------------------------------------------------------------------------------------------
+# The grads extra and the caller's tensors
+
+
+def test_grads_extra_is_raw_gradient_after_members_write_in_place():
+    log: list = []
+    tx = chain(scale(2.0), scale(3.0), trace(0.5), _spy(log), scale_by_sign(), _spy(log))
+    params = _params()
+    g = _grads(0)
+    raw = _clone(g)
+    out, _ = tx.update(g, tx.init(params), params)
+    first, second = log
+    for seen, expected in zip(first["updates"], leaves(raw)):
+        torch.testing.assert_close(seen, 6.0 * expected, rtol=0, atol=0)
+    for record in (first, second):
+        for seen, expected in zip(record["grads"], leaves(raw)):
+            assert torch.equal(seen, expected)
+    for o, expected in zip(leaves(out), leaves(raw)):
+        assert torch.equal(o, torch.sign(expected))
+
+
+def test_grads_extra_of_nested_chain_is_outer_raw_gradient():
+    log: list = []
+    tx = chain(scale(2.0), chain(scale(5.0), _spy(log)))
+    params = _params()
+    g = _grads(1)
+    tx.update(_clone(g), tx.init(params), params)
+    (record,) = log
+    for seen, expected in zip(record["grads"], leaves(g)):
+        assert torch.equal(seen, expected)
+    for seen, expected in zip(record["updates"], leaves(g)):
+        assert torch.equal(seen, 10.0 * expected)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: chain(scale(2.0), scale(3.0)),
+    lambda: chain(scale(-1.0)),
+    lambda: chain(trace(0.9), clip(0.1), scale_by_sign(), add_decayed_weights(0.3),
+                  scale_by_learning_rate(0.5)),
+    lambda: chain(masked(scale(4.0), ["w"]), partition({"a": scale(2.0), "b": trace(0.5)},
+                                                       {"w": "a", "*": "b"}), scale(3.0)),
+    lambda: chain(identity(), clip_by_global_norm(0.01), chain(scale(7.0))),
+], ids=["scale-scale", "scale", "trace-clip-sign-decay-lr", "masked-partition", "nested"])
+def test_chain_never_modifies_the_gradients_or_params_it_is_given(make):
+    tx = make()
+    params = _params()
+    params_before = _clone(params)
+    state = tx.init(params)
+    for step in range(3):
+        g = _grads(step)
+        g_before = _clone(g)
+        out, state = tx.update(g, state, params)
+        _assert_tree_equal(g, g_before)
+        _assert_tree_equal(params, params_before)
+        assert all(o is not x for o, x in zip(leaves(out), leaves(g)))
+
+
+def test_chain_with_masked_weight_decay_never_modifies_the_gradients_it_is_given():
+    # the decayed parameter is not the first: a positional raw-gradient check must still match
+    tx = chain(add_decayed_weights(0.5, mask=["b"]))
+    params = _params()
+    g = _grads(0)
+    g_before = _clone(g)
+    out, _ = tx.update(g, tx.init(params), params)
+    torch.testing.assert_close(out["b"], g_before["b"] + 0.5 * params["b"], rtol=0, atol=0)
+    _assert_tree_equal(g, g_before)
+
+
+def test_chain_of_scales_outputs_product_times_gradient():
+    tx = chain(scale(2.0), scale(3.0))
+    g = [torch.tensor([1.0, -2.0]), torch.tensor([[0.5]])]
+    before = _clone(g)
+    out, _ = tx.update(g, tx.init(g), [torch.zeros(2), torch.zeros(1, 1)])
+    assert torch.equal(out[0], torch.tensor([6.0, -12.0]))
+    assert torch.equal(out[1], torch.tensor([[3.0]]))
+    _assert_tree_equal(g, before)
+
+
+def test_extras_reach_every_member_unchanged():
+    log: list = []
+    tx = chain(_spy(log), scale(2.0), chain(_spy(log)), masked(_spy(log), ["w"]))
+    params = _params()
+
+    def hvp(v):
+        return v
+
+    val_grads = _grads(7)
+    tx.update(_grads(0), tx.init(params), params, loss=1.5, step=7, hvp=hvp,
+              val_grads=val_grads, custom="x")
+    assert len(log) == 3
+    for record in log:
+        extras = record["extras"]
+        assert extras["loss"] == 1.5 and extras["step"] == 7 and extras["custom"] == "x"
+        assert extras["hvp"] is hvp
+        assert "grads" in extras
+    for record in log[:2]:
+        assert record["extras"]["val_grads"] is val_grads
+    # inside masked, tree extras are restricted to the selected parameters
+    assert list(log[2]["extras"]["val_grads"]) == ["w"]
+    assert log[2]["extras"]["val_grads"]["w"] is val_grads["w"]
+
+
+def test_every_member_sees_the_same_params():
+    log: list = []
+    tx = chain(_spy(log), scale(2.0), _spy(log))
+    params = _params()
+    tx.update(_grads(0), tx.init(params), params)
+    assert log[0]["params"] is params and log[1]["params"] is params
+
+
+# ----------------------------------------------------------------------------------------------
+# Structure checks
+
+
+def _stepped_adam():
+    tx = chain(trace(0.9), scale_by_adam(), scale_by_learning_rate(0.1))
+    params = _params()
+    state = tx.init(params)
+    _, state = tx.update(_grads(0), state, params)
+    return tx, params, state
+
+
+def _state_tensors(state):
+    out = []
+
+    def walk(node):
+        if isinstance(node, torch.Tensor):
+            out.append(node)
+        elif isinstance(node, (list, tuple)):
+            for n in node:
+                walk(n)
+        elif isinstance(node, dict):
+            for n in node.values():
+                walk(n)
+
+    walk(state)
+    return out
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"w": torch.ones(3, 2, dtype=torch.float64), "b": torch.ones(4, dtype=torch.float64)},
+     r"'b'.*\(4,\).*\(3,\)"),
+    ({"w": torch.ones(2, 3, dtype=torch.float64), "b": torch.ones(3, dtype=torch.float64)},
+     r"'w'"),
+    ({"w": torch.ones(3, 2, dtype=torch.float64)}, r"missing: \['b'\]"),
+    ({"w": torch.ones(3, 2, dtype=torch.float64), "b": torch.ones(3, dtype=torch.float64),
+      "c": torch.ones(1, dtype=torch.float64)}, r"unexpected: \['c'\]"),
+    ({"b": torch.ones(3, dtype=torch.float64), "w": torch.ones(3, 2, dtype=torch.float64)},
+     r"order"),
+    ([torch.ones(3, 2, dtype=torch.float64), torch.ones(3, dtype=torch.float64)], r"list"),
+], ids=["shape-b", "shape-w", "missing", "unexpected", "order", "list-vs-dict"])
+def test_structure_mismatch_raises_naming_the_problem_and_changes_nothing(bad, message):
+    tx, params, state = _stepped_adam()
+    state_before = [t.clone() for t in _state_tensors(state)]
+    counts_before = (state[0].count, state[1].count)
+    params_before = _clone(params)
+    bad_before = _clone(bad)
+    with pytest.raises(ValueError, match=message):
+        tx.update(bad, state, params)
+    for t, before in zip(_state_tensors(state), state_before):
+        assert torch.equal(t, before)
+    assert (state[0].count, state[1].count) == counts_before
+    _assert_tree_equal(params, params_before)
+    _assert_tree_equal(bad, bad_before)
+
+
+def test_list_length_mismatch_raises():
+    tx = chain(scale_by_adam())
+    params = [torch.zeros(2), torch.zeros(3)]
+    with pytest.raises(ValueError, match="1 tensors but params has 2"):
+        tx.update([torch.ones(2)], tx.init(params), params)
+
+
+# ----------------------------------------------------------------------------------------------
+# Terminal members
+
+
+def test_terminal_member_not_last_is_refused_at_construction():
+    with pytest.raises(ValueError, match=r"position 0.*terminal|terminal.*last"):
+        chain(_terminal(), scale(1.0))
+    with pytest.raises(ValueError, match="'fin'"):
+        named_chain(("fin", _terminal()), ("lr", scale(1.0)))
+    with pytest.raises(ValueError, match="terminal"):
+        chain(chain(scale(1.0), _terminal()), scale(1.0))
+    with pytest.raises(ValueError, match="terminal"):
+        chain(masked(_terminal(), ["*"]), scale(1.0))
+
+
+def test_terminal_member_last_is_accepted_and_chain_is_terminal():
+    assert chain(scale(1.0), _terminal()).terminal
+    assert named_chain(("a", scale(1.0)), ("fin", _terminal())).terminal
+    assert not chain(scale(1.0), trace(0.9)).terminal
+
+
+# ----------------------------------------------------------------------------------------------
+# Dtypes
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_16_bit_updates_are_widened_to_float32_for_every_member(low):
+    log: list = []
+    tx = chain(_spy(log), scale(2.0), _spy(log))
+    params = {"w": torch.zeros(3, 2, dtype=low), "b": torch.zeros(3, dtype=low)}
+    g = {k: torch.randn(v.shape).to(low) for k, v in params.items()}
+    g_before = _clone(g)
+    out, _ = tx.update(g, tx.init(params), params)
+    for record in log:
+        assert record["dtypes"] == [torch.float32, torch.float32]
+        assert record["grads_dtypes"] == [torch.float32, torch.float32]
+        for seen, raw in zip(record["grads"], leaves(g_before)):
+            assert torch.equal(seen, raw.float())
+    for o, raw in zip(leaves(out), leaves(g_before)):
+        assert o.dtype == torch.float32
+        assert torch.equal(o, 2.0 * raw.float())
+    _assert_tree_equal(g, g_before)
+
+
+def test_mixed_precision_updates_widen_only_16_bit_leaves():
+    log: list = []
+    tx = chain(_spy(log))
+    params = [torch.zeros(2, dtype=torch.bfloat16), torch.zeros(2, dtype=torch.float64)]
+    g = [torch.ones(2, dtype=torch.bfloat16), torch.ones(2, dtype=torch.float64)]
+    out, _ = tx.update(g, tx.init(params), params)
+    assert log[0]["dtypes"] == [torch.float32, torch.float64]
+    assert [o.dtype for o in out] == [torch.float32, torch.float64]
+
+
+# ----------------------------------------------------------------------------------------------
+# named_chain
+
+
+def test_named_chain_state_is_keyed_by_member_names_in_order():
+    tx = named_chain(("momentum", trace(0.9)), ("adam", scale_by_adam()),
+                     ("lr", scale_by_learning_rate(0.1)))
+    state = tx.init(_params())
+    assert list(state) == ["momentum", "adam", "lr"]
+    assert hasattr(state["momentum"], "momentum") and hasattr(state["adam"], "nu")
+
+
+def test_named_chain_outputs_equal_chain_outputs():
+    members = [trace(0.9), scale_by_adam(), scale_by_learning_rate(0.1)]
+    named = named_chain(*[(f"m{i}", m) for i, m in enumerate(members)])
+    plain = chain(*members)
+    params = _params()
+    s_named, s_plain = named.init(params), plain.init(params)
+    for step in range(3):
+        g = _grads(step)
+        o_named, s_named = named.update(_clone(g), s_named, params)
+        o_plain, s_plain = plain.update(_clone(g), s_plain, params)
+        _assert_tree_equal(o_named, o_plain)
+    for i in range(3):
+        for a, b in zip(_state_tensors(s_named[f"m{i}"]), _state_tensors(s_plain[i])):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("members", [
+    [("a", scale(1.0)), ("a", scale(2.0))],
+    [("", scale(1.0))],
+    [("a.b", scale(1.0))],
+    [(3, scale(1.0))],
+], ids=["duplicate", "empty", "dot", "not-a-string"])
+def test_named_chain_rejects_bad_names(members):
+    with pytest.raises(ValueError, match="unique non-empty strings"):
+        named_chain(*members)
+
+
+@pytest.mark.parametrize("member", [("a",), ("a", lambda u: u), scale(1.0)],
+                         ids=["one-item", "not-a-transform", "bare-transform"])
+def test_named_chain_rejects_members_that_are_not_name_transform_pairs(member):
+    with pytest.raises(TypeError, match=r"\(name, transform\)"):
+        named_chain(member)
+
+
+def test_named_chain_extras_and_grads_reach_members():
+    log: list = []
+    tx = named_chain(("x2", scale(2.0)), ("spy", _spy(log)))
+    params = _params()
+    g = _grads(2)
+    tx.update(_clone(g), tx.init(params), params, loss=math.pi)
+    (record,) = log
+    assert record["extras"]["loss"] == math.pi
+    for seen, raw in zip(record["grads"], leaves(g)):
+        assert torch.equal(seen, raw)
