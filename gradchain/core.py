@@ -57,6 +57,7 @@ __all__ = [
     "unflatten_state",
     "check_structure",
     "check_dense_real",
+    "check_number",
     "check_non_negative",
     "check_positive",
     "check_decay",
@@ -162,7 +163,8 @@ def selected_indices(tree: Tree, selector: Selector, what: str = "mask") -> list
     if isinstance(selector, (str, bytes)):
         raise TypeError(f"{what} must be a list of patterns, not a single string: [{selector!r}]")
     values = list(selector)
-    if values and all(isinstance(v, str) for v in values) and what == "mask":
+    if what == "mask" and all(isinstance(v, str) for v in values) and \
+            (values or isinstance(tree, Mapping)):
         return [any(_matches(n, p) for p in values) for n in tree_names]
     if isinstance(tree, Mapping):
         raise ValueError(
@@ -445,6 +447,11 @@ def _check_number(name: str, value: Any) -> bool:
     if math.isnan(value):
         raise ValueError(f"{name} must not be NaN")
     return True
+
+
+def check_number(name: str, value: Any) -> None:
+    """``ValueError`` unless ``value`` is a real, non-NaN number (schedules pass)."""
+    _check_number(name, value)
 
 
 def check_non_negative(name: str, value: Any) -> None:

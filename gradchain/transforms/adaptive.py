@@ -54,8 +54,9 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
 
     Example:
         >>> tx = scale_by_adam()
-        >>> tx.update([torch.tensor([2.0, -3.0])], tx.init([torch.zeros(2)]))[0]
-        [tensor([ 1., -1.])]
+        >>> out, state = tx.update([torch.tensor([2.0, -3.0])], tx.init([torch.zeros(2)]))
+        >>> out[0]  # the first step is u / (|u| + eps)
+        tensor([ 1.0000, -1.0000])
     """
     check_decay("b1", b1)
     check_decay("b2", b2)

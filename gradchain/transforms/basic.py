@@ -20,6 +20,7 @@ from gradchain.core import (
     as_tree,
     check_dense_real,
     check_non_negative,
+    check_number,
     leaves,
     selected_indices,
     writable,
@@ -79,6 +80,7 @@ def scale(factor: float) -> GradientTransformation:
     """
     if callable(factor):
         raise ValueError("scale takes a number; use scale_by_schedule for a schedule")
+    check_number("factor", factor)
     return _stateless(lambda u, params, extras: _scale_leaves(u, factor, extras))
 
 
@@ -150,6 +152,9 @@ def add_decayed_weights(weight_decay: Hyper = 0.0, mask: Selector | None = None
     def add_decay(u: list[torch.Tensor], params: Tree | None, decay: float, extras) -> list:
         if not u or decay == 0:
             return u
+        if any(t.layout != torch.strided for t in u):
+            raise ValueError("add_decayed_weights does not support sparse gradients; use a "
+                             "dense gradient (e.g. nn.Embedding(sparse=False))")
         if params is None:
             raise ValueError("add_decayed_weights needs the parameters: "
                              "call update(updates, state, params)")

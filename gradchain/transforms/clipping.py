@@ -21,7 +21,10 @@ __all__ = ["clip", "clip_by_global_norm", "global_norm"]
 
 
 def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The Euclidean norm of all entries of all tensors, as a 0-d float32 tensor (no host sync).
+    """The Euclidean norm of all entries of all tensors, as a 0-d tensor (no host sync).
+
+    Accumulated in float64 when any tensor is float64, in float32 otherwise (also for 16-bit
+    tensors).
 
     Example:
         >>> global_norm([torch.tensor([3.0]), torch.tensor([4.0])])
@@ -29,9 +32,9 @@ def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     """
     if not tensors:
         return torch.zeros(())
-    norms = torch._foreach_norm(tensors)
-    device = norms[0].device
-    return torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in norms]))
+    wide = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    norms = torch._foreach_norm(tensors, dtype=wide)
+    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
 
 
 def clip(max_delta: float) -> GradientTransformation:
@@ -42,6 +45,9 @@ def clip(max_delta: float) -> GradientTransformation:
         >>> tx.update([torch.tensor([-3.0, 0.5, 2.0])], tx.init([torch.zeros(3)]))[0]
         [tensor([-1.0000,  0.5000,  1.0000])]
     """
+    if callable(max_delta):
+        raise ValueError("max_delta must be a number; wrap clip in inject_hyperparams to "
+                         "schedule it")
     check_positive("max_delta", max_delta)
 
     def init(params: Tree) -> EmptyState:
@@ -76,6 +82,9 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         >>> tx.update([torch.tensor([3.0, 4.0])], tx.init([torch.zeros(2)]))[0]
         [tensor([0.6000, 0.8000])]
     """
+    if callable(max_norm):
+        raise ValueError("max_norm must be a number; wrap clip_by_global_norm in "
+                         "inject_hyperparams to schedule it")
     check_positive("max_norm", max_norm)
 
     def init(params: Tree) -> EmptyState:
