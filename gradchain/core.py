@@ -50,6 +50,7 @@ __all__ = [
     "state_dtype",
     "zeros_like_state",
     "resolve",
+    "hoist",
     "select_state",
     "merge_state",
     "expand_state",
@@ -276,6 +277,33 @@ def zeros_like_state(params: Iterable[Tensor]) -> list[Tensor]:
     """One zero buffer per parameter, in the state dtype (``state_dtype``)."""
     return [torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
             for p in params]
+
+
+@torch.library.custom_op("gradchain::hoisted", mutates_args=())
+def _hoisted(value: Tensor) -> Tensor:
+    return value.clone()
+
+
+@_hoisted.register_fake
+def _(value: Tensor) -> Tensor:
+    return torch.empty_like(value)
+
+
+def hoist(value: float) -> float | Tensor:
+    """A per-step scalar (a bias correction, a scheduled factor) ready for the hot loop.
+
+    In eager mode it is ``value`` itself. Under ``torch.compile`` the step count is symbolic, and
+    inductor would inline the scalar's arithmetic (``pow``, ``sqrt``: libm calls it may not hoist)
+    into every iteration of the element-wise loop; here it becomes a 0-d float64 tensor that an
+    opaque op computes once per step, and the loop only loads it.
+
+    Example:
+        >>> hoist(0.5)
+        0.5
+    """
+    if torch.compiler.is_compiling():
+        return _hoisted(torch.scalar_tensor(value, dtype=torch.float64))
+    return value
 
 
 def resolve(value: Hyper, count: int) -> float:

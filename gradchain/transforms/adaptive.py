@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import torch
@@ -16,6 +15,7 @@ from gradchain.core import (
     check_decay,
     check_dense_real,
     check_non_negative,
+    hoist,
     leaves,
     resolve,
     zeros_like_state,
@@ -83,17 +83,17 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
         if eps_root == 0.0:
             # sqrt(v / c2) + eps, with the 1 / c1 of m-hat folded into the same two passes
             denom = torch._foreach_sqrt(nu)
-            torch._foreach_mul_(denom, correction1 / math.sqrt(correction2))
-            torch._foreach_add_(denom, eps * correction1)
+            torch._foreach_mul_(denom, hoist(correction1 / correction2 ** 0.5))
+            torch._foreach_add_(denom, hoist(eps * correction1))
         else:
-            denom = torch._foreach_mul(nu, 1.0 / correction2)
+            denom = torch._foreach_mul(nu, hoist(1.0 / correction2))
             torch._foreach_add_(denom, eps_root)
             torch._foreach_sqrt_(denom)
             torch._foreach_add_(denom, eps)
-            torch._foreach_mul_(denom, correction1)
+            torch._foreach_mul_(denom, hoist(correction1))
         if nesterov:
             # beta1 m / (1 - beta1^(t+1)) + (1 - beta1) u / (1 - beta1^t), over denom / c1
-            numer = torch._foreach_mul(mu, beta1 * correction1 / (1.0 - beta1 ** (t + 1)))
+            numer = torch._foreach_mul(mu, hoist(beta1 * correction1 / (1.0 - beta1 ** (t + 1))))
             torch._foreach_add_(numer, u, alpha=1.0 - beta1)
             torch._foreach_div_(numer, denom)
             out = numer
@@ -147,12 +147,12 @@ def scale_by_rms(decay: Hyper = 0.9, eps: float = 1e-8, initial_scale: float = 0
         torch._foreach_addcmul_(nu, u, u, 1.0 - beta)
         correction = 1.0 - beta ** t if bias_correction else 1.0
         if eps_in_sqrt:
-            denom = torch._foreach_div(nu, correction)
+            denom = torch._foreach_div(nu, hoist(correction))
             torch._foreach_add_(denom, eps)
             torch._foreach_sqrt_(denom)
         else:
             denom = torch._foreach_sqrt(nu)
-            torch._foreach_div_(denom, math.sqrt(correction))
+            torch._foreach_div_(denom, hoist(correction ** 0.5))
             torch._foreach_add_(denom, eps)
         return as_tree(updates, torch._foreach_div(u, denom)), RmsState(t, nu)
 

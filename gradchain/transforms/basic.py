@@ -21,6 +21,7 @@ from gradchain.core import (
     check_dense_real,
     check_non_negative,
     check_number,
+    hoist,
     leaves,
     selected_indices,
     writable,
@@ -104,7 +105,7 @@ def scale_by_schedule(schedule: Schedule) -> GradientTransformation:
     def update(updates: Tree, state: ScheduleState, params: Tree | None = None, **extras: Any):
         u = leaves(updates)
         if u:
-            updates = as_tree(updates, _scale_leaves(u, schedule(state.count), extras))
+            updates = as_tree(updates, _scale_leaves(u, hoist(schedule(state.count)), extras))
         return updates, ScheduleState(state.count + 1)
 
     return GradientTransformation(init, update, leafwise=True)

@@ -14,6 +14,7 @@ from gradchain.core import (
     as_tree,
     check_decay,
     check_dense_real,
+    hoist,
     leaves,
     resolve,
     writable,
@@ -106,7 +107,7 @@ def ema(decay: Hyper = 0.9, debias: bool = True) -> GradientTransformation:
             check_dense_real(u, "ema")
             torch._foreach_lerp_(m, u, 1.0 - beta)
             correction = 1.0 - beta ** count if debias else 1.0
-            updates = as_tree(updates, torch._foreach_div(m, correction))
+            updates = as_tree(updates, torch._foreach_div(m, hoist(correction)))
         return updates, EmaState(count, m)
 
     return GradientTransformation(init, update, leafwise=True)
