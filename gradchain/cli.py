@@ -4,10 +4,10 @@ Examples::
 
     python -m gradchain list
     python -m gradchain compare                       # adamw and sgd, about two minutes
-    python -m gradchain compare adam sgd --lr sgd=0.05 --steps 300 --plot runs.png
+    python -m gradchain compare adam sgd --lr sgd=0.1 --steps 300 --plot runs.png
     GRADCHAIN_SMALL=1 python -m gradchain compare     # a few seconds (or: --small)
 
-Heavy modules (torch, the task, matplotlib) are imported inside the commands that use them.
+The task and matplotlib are imported inside the commands that use them.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -29,7 +30,8 @@ __all__ = ["main", "ProgressBar", "format_bytes", "format_table", "plot_comparis
 
 DEFAULT_RECIPES = ("adamw", "sgd")
 DEFAULT_PLOT = "gradchain_compare.png"
-PLOT_HINT = 'matplotlib is not installed, so no plot was written; get it with: pip install "gradchain[plot]"'
+PLOT_HINT = ('matplotlib is not installed, so no plot was written; '
+             'get it with: pip install "gradchain[plot]"')
 
 
 class UsageError(Exception):
@@ -139,9 +141,16 @@ def describe_components() -> str:
 
 
 def _summary(obj: object) -> str:
-    """The first line of ``obj``'s docstring, or an empty string."""
-    doc = inspect.getdoc(obj) or ""
-    return doc.strip().splitlines()[0] if doc.strip() else ""
+    """The summary of ``obj``'s docstring (its first paragraph, on one line) as plain text.
+
+    Example:
+        >>> def f():
+        ...     "Scale by :math:`c`, ``in place``."
+        >>> _summary(f)
+        'Scale by c, in place.'
+    """
+    summary = " ".join((inspect.getdoc(obj) or "").split("\n\n")[0].split())
+    return re.sub(r":\w+:`([^`]*)`", r"\1", summary).replace("``", "")
 
 
 # -------------------------------------------------------------------------------------- compare
@@ -219,22 +228,22 @@ def comparison_table(runs: Sequence[Run], results: dict[str, TrainResult]) -> st
         rows.append([run.name, hyper, f"{result.final_train_loss:.3f}",
                      f"{result.final_val_loss:.3f}", f"{result.ms_per_step:.1f}",
                      f"{result.ms_per_opt_step:.2f}", format_bytes(result.state_bytes)])
-    return format_table(headers, rows)
+    return format_table(headers, rows, left=2)
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Plain-text table: the first two columns left-aligned, the others right-aligned.
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
+    """Plain-text table: the first ``left`` columns left-aligned, the others right-aligned.
 
     Example:
-        >>> print(format_table(["name", "x"], [["a", "1.0"]]))
-        name    x
-        ----  ---
-        a     1.0
+        >>> print(format_table(["recipe", "val loss"], [["adamw", "1.66"]]))
+        recipe  val loss
+        ------  --------
+        adamw       1.66
     """
     widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
 
     def line(cells: Sequence[str]) -> str:
-        return "  ".join(str(cell).ljust(width) if i < 2 else str(cell).rjust(width)
+        return "  ".join(str(cell).ljust(width) if i < left else str(cell).rjust(width)
                          for i, (cell, width) in enumerate(zip(cells, widths))).rstrip()
 
     return "\n".join([line(headers), line(["-" * width for width in widths]), *map(line, rows)])
@@ -321,6 +330,7 @@ def plot_comparison(results: dict[str, TrainResult], path: str) -> bool:
         by_step.plot(result.val_steps, result.val_loss, "o-", color=color, label=f"{name} val")
         by_time.plot(result.seconds, result.train_loss, color=color, lw=0.8, alpha=0.5)
         by_time.plot(result.val_seconds, result.val_loss, "o-", color=color)
+    by_step.set_ylim(top=_loss_axis_top(results))
     by_step.set(xlabel="step", ylabel="loss (nats / byte)", title="loss vs step")
     by_time.set(xlabel="training seconds", title="loss vs wall time")
     for axes in (by_step, by_time):
@@ -328,3 +338,12 @@ def plot_comparison(results: dict[str, TrainResult], path: str) -> bool:
     by_step.legend()
     figure.savefig(path, dpi=100)
     return True
+
+
+def _loss_axis_top(results: dict[str, TrainResult]) -> float:
+    """Top of the loss axis: a little above the first evaluation after step 0, so that the
+    initial loss (ln 256 for every recipe) does not squeeze the part of the curves that differs."""
+    initial = max(result.val_loss[0] for result in results.values())
+    first = [result.val_loss[1] for result in results.values()
+             if len(result.val_loss) > 1 and math.isfinite(result.val_loss[1])]
+    return min(initial, 1.1 * max(first)) if first else initial

@@ -85,13 +85,17 @@ class GradientTransformation(NamedTuple):
     and must come last in a chain. ``leafwise`` transforms treat every parameter independently
     (no reduction across parameters, and group-wide state that depends on the step count only),
     so the optimizer adapter may run them over a few parameters at a time, while those are hot in
-    cache. A transform that is not sure is not leafwise.
+    cache. ``elementwise`` transforms are leafwise, and moreover every output entry depends only
+    on the same entry of the inputs and of the state, which they update in place; the adapter
+    may then run a large parameter as blocks of rows (views; a mask sees the parameter's name).
+    A transform that is not sure is neither.
     """
 
     init: Callable[[Tree], Any]
     update: UpdateFn
     terminal: bool = False
     leafwise: bool = False
+    elementwise: bool = False
 
 
 class EmptyState(NamedTuple):

@@ -91,6 +91,7 @@ def _sequential(members: list[tuple[str, GradientTransformation]], keyed: bool
         init, update,
         terminal=bool(members) and members[-1][1].terminal,
         leafwise=all(tx.leafwise for _, tx in members),
+        elementwise=all(tx.elementwise for _, tx in members),
     )
 
 
@@ -181,7 +182,8 @@ def masked(inner: GradientTransformation, mask: Selector) -> GradientTransformat
             merged[i] = o
         return as_tree(updates, merged), state
 
-    return GradientTransformation(init, update, terminal=inner.terminal, leafwise=inner.leafwise)
+    return GradientTransformation(init, update, terminal=inner.terminal, leafwise=inner.leafwise,
+                                  elementwise=inner.elementwise and not callable(mask))
 
 
 def partition(transforms: Mapping[str, GradientTransformation], labels: Selector
@@ -228,7 +230,9 @@ def partition(transforms: Mapping[str, GradientTransformation], labels: Selector
     members = list(transforms.values())
     return GradientTransformation(init, update,
                                   terminal=any(tx.terminal for tx in members),
-                                  leafwise=all(tx.leafwise for tx in members))
+                                  leafwise=all(tx.leafwise for tx in members),
+                                  elementwise=all(tx.elementwise for tx in members)
+                                  and not callable(labels))
 
 
 def freeze(mask: Selector) -> GradientTransformation:
@@ -250,7 +254,7 @@ def freeze(mask: Selector) -> GradientTransformation:
                for u, keep in zip(leaves(updates), selected_indices(tree, mask))]
         return as_tree(updates, out), state
 
-    return GradientTransformation(init, update, leafwise=True)
+    return GradientTransformation(init, update, leafwise=True, elementwise=not callable(mask))
 
 
 def _is_number(value: Any) -> bool:
@@ -309,7 +313,7 @@ def inject_hyperparams(factory: Callable[..., GradientTransformation],
                                         inner_state)
 
         return GradientTransformation(init, update, terminal=first.terminal,
-                                      leafwise=first.leafwise)
+                                      leafwise=first.leafwise, elementwise=first.elementwise)
 
     return build
 
@@ -355,7 +359,7 @@ def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransfor
         return out, MultiStepsState(0, acc, inner_state)
 
     return GradientTransformation(init, update, terminal=inner.terminal,
-                                  leafwise=inner.leafwise)
+                                  leafwise=inner.leafwise, elementwise=inner.elementwise)
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:

@@ -25,9 +25,10 @@ __all__ = ["ChainOptimizer"]
 
 Recipe = Callable[..., GradientTransformation]
 
-#: On CPU, a leafwise chain runs over parameters in chunks of about this many elements, each
+#: On CPU, a leafwise chain runs over parameters in pieces of about this many elements, each
 #: applied while its tensors are still in cache (torch's CPU foreach ops run one tensor at a
 #: time, so a whole-list pass per op streams every buffer through memory once per op).
+#: Elementwise chains also split large parameters into blocks of rows of about this size.
 CHUNK_ELEMENTS = 1 << 18
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -185,7 +186,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._refresh_state_view()
         return loss
 
-    def _step_group(self, index: int, group: dict[str, Any], loss: Any) -> None:
+    def _step_group(self, group_index: int, group: dict[str, Any], loss: Any) -> None:
         params: list[Tensor] = group["params"]
         names = self._names(group)
         active = [i for i, p in enumerate(params) if p.grad is not None]
@@ -193,38 +194,27 @@ class ChainOptimizer(torch.optim.Optimizer):
             return
         for i in active:
             _check_gradient(names[i], params[i])
-        tx, compiled = self._transform(index)
-        state = self._group_states[index]
+        tx, compiled = self._transform(group_index)
+        state = self._group_states[group_index]
         if state is None:
-            state = self._init_group(index, tx)
-        extras: dict[str, Any] = {"step": self._group_steps[index]}
+            state = self._init_group(group_index, tx)
+        extras: dict[str, Any] = {"step": self._group_steps[group_index]}
         if loss is not None:
             extras["loss"] = loss
-        chunks = self._chunks(params, active) if tx.leafwise and compiled is None else [active]
+        pieces = _pieces(params, active, tx) if compiled is None else [(active, None)]
         run = compiled or _make_step(tx)
         before, after = state, state
-        for chunk in chunks:  # every chunk starts from the state as it was before the step
-            grads = {names[i]: _widen(params[i].grad) for i in chunk}
-            chunk_params = {names[i]: params[i] for i in chunk}
-            part = run(grads, select_state(before, chunk), chunk_params, extras)
-            after = merge_state(after, part, chunk)
-        self._group_states[index] = after
-        self._group_steps[index] += 1
-
-    @staticmethod
-    def _chunks(params: list[Tensor], active: list[int]) -> list[list[int]]:
-        if any(params[i].device.type != "cpu" for i in active):
-            return [active]
-        chunks, current, size = [], [], 0
-        for i in active:
-            current.append(i)
-            size += params[i].numel()
-            if size >= CHUNK_ELEMENTS:
-                chunks.append(current)
-                current, size = [], 0
-        if current:
-            chunks.append(current)
-        return chunks
+        for index, rows in pieces:  # every piece starts from the state as it was before the step
+            grads = {names[i]: _widen(_block(params[i].grad, rows)) for i in index}
+            chunk_params = {names[i]: _block(params[i], rows) for i in index}
+            whole = select_state(before, index)
+            part = run(grads, whole if rows is None else _rows_of(whole, rows), chunk_params,
+                       extras)
+            if rows is not None:  # elementwise: the state was updated in place through views
+                part = merge_state(whole, part, [])
+            after = merge_state(after, part, index)
+        self._group_states[group_index] = after
+        self._group_steps[group_index] += 1
 
     # ------------------------------------------------------------------------------------------
     # State
@@ -317,6 +307,59 @@ def _make_step(tx: GradientTransformation) -> Callable[..., Any]:
         return state
 
     return step
+
+
+def _pieces(params: list[Tensor], active: list[int], tx: GradientTransformation
+            ) -> list[tuple[list[int], slice | None]]:
+    """How a step runs over the group: ``(parameter indices, rows)`` pieces.
+
+    On CPU, a leafwise transform runs over pieces of about ``CHUNK_ELEMENTS`` elements, each
+    applied while its tensors are in cache; an elementwise one also splits a large parameter
+    into blocks of rows (``rows``, a slice of its first axis). Elsewhere: one piece.
+    """
+    if not tx.leafwise or any(params[i].device.type != "cpu" for i in active):
+        return [(active, None)]
+    pieces: list[tuple[list[int], slice | None]] = []
+    current: list[int] = []
+    size = 0
+    for i in active:
+        p = params[i]
+        if tx.elementwise and p.dim() > 0 and p.numel() >= 2 * CHUNK_ELEMENTS:
+            step = max(1, CHUNK_ELEMENTS * p.shape[0] // p.numel())
+            pieces.extend(([i], slice(start, start + step)) for start in range(0, p.shape[0], step))
+            continue
+        current.append(i)
+        size += p.numel()
+        if size >= CHUNK_ELEMENTS:
+            pieces.append((current, None))
+            current, size = [], 0
+    if current:
+        pieces.append((current, None))
+    return pieces
+
+
+def _block(tensor: Tensor, rows: slice | None) -> Tensor:
+    return tensor if rows is None else tensor[rows]
+
+
+def _rows_of(state: Any, rows: slice) -> Any:
+    """The state of one parameter with every per-parameter tensor restricted to ``rows``."""
+    if isinstance(state, list):
+        return [_rows_of_entry(entry, rows) for entry in state]
+    if isinstance(state, tuple):
+        items = [_rows_of(s, rows) for s in state]
+        return type(state)(*items) if hasattr(state, "_fields") else tuple(items)
+    if isinstance(state, dict):
+        return {k: _rows_of(v, rows) for k, v in state.items()}
+    return state
+
+
+def _rows_of_entry(entry: Any, rows: slice) -> Any:
+    if isinstance(entry, Tensor):
+        return entry[rows]
+    if isinstance(entry, (tuple, list)):
+        return type(entry)(_rows_of_entry(e, rows) for e in entry)
+    return entry
 
 
 def _is_number(value: Any) -> bool:

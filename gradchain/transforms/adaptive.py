@@ -84,7 +84,8 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
             # sqrt(v / c2) + eps, with the 1 / c1 of m-hat folded into the same two passes
             denom = torch._foreach_sqrt(nu)
             torch._foreach_mul_(denom, hoist(correction1 / correction2 ** 0.5))
-            torch._foreach_add_(denom, hoist(eps * correction1))
+            # a list of the scalar: dynamo reads a single tensor scalar of foreach_add with .item()
+            torch._foreach_add_(denom, [hoist(eps * correction1)] * len(denom))
         else:
             denom = torch._foreach_mul(nu, hoist(1.0 / correction2))
             torch._foreach_add_(denom, eps_root)
@@ -101,7 +102,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
             out = torch._foreach_div(mu, denom)
         return as_tree(updates, out), AdamState(t, mu, nu)
 
-    return GradientTransformation(init, update, leafwise=True)
+    return GradientTransformation(init, update, leafwise=True, elementwise=True)
 
 
 def scale_by_rms(decay: Hyper = 0.9, eps: float = 1e-8, initial_scale: float = 0.0,
@@ -156,4 +157,4 @@ def scale_by_rms(decay: Hyper = 0.9, eps: float = 1e-8, initial_scale: float = 0
             torch._foreach_add_(denom, eps)
         return as_tree(updates, torch._foreach_div(u, denom)), RmsState(t, nu)
 
-    return GradientTransformation(init, update, leafwise=True)
+    return GradientTransformation(init, update, leafwise=True, elementwise=True)

@@ -41,7 +41,7 @@ class ScheduleState(NamedTuple):
     count: int
 
 
-def _stateless(update_leaves) -> GradientTransformation:
+def _stateless(update_leaves, elementwise: bool = True) -> GradientTransformation:
     def init(params: Tree) -> EmptyState:
         return EmptyState()
 
@@ -51,7 +51,7 @@ def _stateless(update_leaves) -> GradientTransformation:
             return updates, state
         return as_tree(updates, update_leaves(u, params, extras)), state
 
-    return GradientTransformation(init, update, leafwise=True)
+    return GradientTransformation(init, update, leafwise=True, elementwise=elementwise)
 
 
 def _scale_leaves(u: list[torch.Tensor], factor: float | torch.Tensor, extras) -> list:
@@ -108,7 +108,7 @@ def scale_by_schedule(schedule: Schedule) -> GradientTransformation:
             updates = as_tree(updates, _scale_leaves(u, hoist(schedule(state.count)), extras))
         return updates, ScheduleState(state.count + 1)
 
-    return GradientTransformation(init, update, leafwise=True)
+    return GradientTransformation(init, update, leafwise=True, elementwise=True)
 
 
 def scale_by_learning_rate(learning_rate: Hyper, *, flip_sign: bool = True
@@ -171,8 +171,10 @@ def add_decayed_weights(weight_decay: Hyper = 0.0, mask: Selector | None = None
             out[i] = d
         return out
 
+    by_name = not callable(mask)  # a predicate may look at shapes, which row blocks change
     if not callable(weight_decay):
-        return _stateless(lambda u, params, extras: add_decay(u, params, weight_decay, extras))
+        return _stateless(lambda u, params, extras: add_decay(u, params, weight_decay, extras),
+                          elementwise=by_name)
 
     def init(params: Tree) -> ScheduleState:
         return ScheduleState(count=0)
@@ -182,7 +184,7 @@ def add_decayed_weights(weight_decay: Hyper = 0.0, mask: Selector | None = None
         return (as_tree(updates, add_decay(leaves(updates), params, decay, extras)),
                 ScheduleState(state.count + 1))
 
-    return GradientTransformation(init, update, leafwise=True)
+    return GradientTransformation(init, update, leafwise=True, elementwise=by_name)
 
 
 def scale_by_sign() -> GradientTransformation:

@@ -63,7 +63,7 @@ def clip(max_delta: float) -> GradientTransformation:
         torch._foreach_clamp_max_(out, max_delta)
         return as_tree(updates, out), state
 
-    return GradientTransformation(init, update, leafwise=True)
+    return GradientTransformation(init, update, leafwise=True, elementwise=True)
 
 
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:

@@ -72,7 +72,7 @@ def trace(decay: Hyper = 0.9, nesterov: bool = False) -> GradientTransformation:
             updates = as_tree(updates, out)
         return updates, TraceState(state.count + 1, b)
 
-    return GradientTransformation(init, update, leafwise=True)
+    return GradientTransformation(init, update, leafwise=True, elementwise=True)
 
 
 def ema(decay: Hyper = 0.9, debias: bool = True) -> GradientTransformation:
@@ -110,4 +110,4 @@ def ema(decay: Hyper = 0.9, debias: bool = True) -> GradientTransformation:
             updates = as_tree(updates, torch._foreach_div(m, hoist(correction)))
         return updates, EmaState(count, m)
 
-    return GradientTransformation(init, update, leafwise=True)
+    return GradientTransformation(init, update, leafwise=True, elementwise=True)

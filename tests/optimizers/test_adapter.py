@@ -299,3 +299,40 @@ def test_step_never_writes_into_param_grad(mask):
     optimizer.step()
     for p, g in zip(model.parameters(), grads):
         assert torch.equal(p.grad, g)
+
+
+def _state_tensors(state) -> list[torch.Tensor]:
+    from gradchain.core import flatten_state
+
+    per_param, _ = flatten_state(state, 2)
+    return [t for entry in per_param for t in entry.values() if isinstance(t, torch.Tensor)]
+
+
+ELEMENTWISE = {
+    "adamw": lambda: chains.adamw(0.1, weight_decay=0.1),
+    "sgd": lambda: chains.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=0.1),
+    "masked_by_name": lambda: chains.masked(chains.adam(0.1), ["a"]),
+    "multi_steps": lambda: chains.multi_steps(chains.adamw(0.1), 2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ELEMENTWISE))
+def test_elementwise_transforms_update_their_state_in_place(case):
+    """Row blocks rely on it: the per-parameter state tensors stay the same objects."""
+    tx = ELEMENTWISE[case]()
+    assert tx.elementwise
+    params = {"a": torch.ones(3, 2), "b": torch.ones(4)}
+    state = tx.init(params)
+    before = _state_tensors(state)
+    for _ in range(3):
+        _, state = tx.update({k: torch.randn_like(v) for k, v in params.items()}, state, params)
+    after = _state_tensors(state)
+    assert before and len(before) == len(after)
+    assert all(a is b for a, b in zip(before, after))
+
+
+def test_a_shape_predicate_makes_a_chain_not_elementwise():
+    """Row blocks change shapes, so masks given as predicates keep whole parameters."""
+    assert not chains.masked(chains.adam(), lambda name, p: p.ndim >= 2).elementwise
+    assert not chains.adamw(mask=lambda name, p: p.ndim >= 2).elementwise
+    assert chains.adamw(mask=["*.weight"]).elementwise
