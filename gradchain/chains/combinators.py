@@ -96,7 +96,9 @@ def _sequential(members: list[tuple[str, GradientTransformation]], keyed: bool
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
-    """Apply transforms one after the other: :math:`o = T_n(\\dots T_1(u))`.
+    """Apply transforms one after the other.
+
+    .. math::  o = T_n(\\dots T_1(u))
 
     Every member sees the same ``params`` and extras; the outermost chain adds ``grads`` (the raw
     gradient as it entered), checks that the updates match the params, and widens 16-bit

@@ -181,6 +181,10 @@ class ChainOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for group in self.param_groups:  # every gradient is checked before anything moves
+            for name, p in zip(self._names(group), group["params"]):
+                if p.grad is not None:
+                    _check_gradient(name, p)
         for index, group in enumerate(self.param_groups):
             self._step_group(index, group, loss)
         self._refresh_state_view()
@@ -192,8 +196,6 @@ class ChainOptimizer(torch.optim.Optimizer):
         active = [i for i, p in enumerate(params) if p.grad is not None]
         if not active:
             return
-        for i in active:
-            _check_gradient(names[i], params[i])
         tx, compiled = self._transform(group_index)
         state = self._group_states[group_index]
         if state is None:

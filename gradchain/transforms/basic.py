@@ -61,7 +61,9 @@ def _scale_leaves(u: list[torch.Tensor], factor: float | torch.Tensor, extras) -
 
 
 def identity() -> GradientTransformation:
-    """Pass the updates through unchanged: :math:`o = u`.
+    """Pass the updates through unchanged.
+
+    .. math::  o = u
 
     Example:
         >>> tx = identity()
@@ -72,7 +74,9 @@ def identity() -> GradientTransformation:
 
 
 def scale(factor: float) -> GradientTransformation:
-    """Multiply by a constant: :math:`o = c\\,u`.
+    """Multiply by a constant factor.
+
+    .. math::  o = c\\,u
 
     Example:
         >>> tx = scale(0.5)
@@ -86,9 +90,11 @@ def scale(factor: float) -> GradientTransformation:
 
 
 def scale_by_schedule(schedule: Schedule) -> GradientTransformation:
-    """Multiply by a schedule of the step count: :math:`o = f(\\text{count})\\,u`.
+    """Multiply by a schedule of the step count, without a sign change.
 
-    No sign change (compare ``scale_by_learning_rate``).
+    .. math::  o = f(\\text{count})\\,u
+
+    Compare ``scale_by_learning_rate``, which also flips the sign.
 
     Example:
         >>> tx = scale_by_schedule(lambda count: 0.5 ** count)
@@ -135,7 +141,9 @@ def scale_by_learning_rate(learning_rate: Hyper, *, flip_sign: bool = True
 
 def add_decayed_weights(weight_decay: Hyper = 0.0, mask: Selector | None = None
                         ) -> GradientTransformation:
-    """Add decoupled weight decay: :math:`o = u + \\lambda\\, x`.
+    """Add decoupled weight decay to the updates.
+
+    .. math::  o = u + \\lambda\\, x
 
     Placed before ``scale_by_learning_rate``, the parameters receive :math:`-\\eta\\lambda x`
     (PyTorch AdamW's convention: the decay is scaled by the learning rate). ``mask`` selects the
@@ -188,7 +196,9 @@ def add_decayed_weights(weight_decay: Hyper = 0.0, mask: Selector | None = None
 
 
 def scale_by_sign() -> GradientTransformation:
-    """Keep only the sign: :math:`o = \\operatorname{sign}(u)` (signSGD; Lion's last step).
+    """Keep only the sign of every entry (signSGD; Lion's last step).
+
+    .. math::  o = \\operatorname{sign}(u)
 
     Example:
         >>> tx = scale_by_sign()

@@ -38,7 +38,9 @@ def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def clip(max_delta: float) -> GradientTransformation:
-    """Clip every entry to ``[-max_delta, max_delta]``: :math:`o = \\max(-c, \\min(c, u))`.
+    """Clip every entry to ``[-max_delta, max_delta]``.
+
+    .. math::  o = \\max(-c, \\min(c, u))
 
     Example:
         >>> tx = clip(1.0)

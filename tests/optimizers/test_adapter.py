@@ -266,6 +266,19 @@ def test_mismatched_or_sparse_gradients_raise_before_anything_changes():
         assert torch.equal(a, b)
 
 
+def test_a_bad_gradient_in_a_later_group_leaves_earlier_groups_untouched():
+    model = _model()
+    params = list(model.parameters())
+    optimizer = SGD([{"params": params[:2]}, {"params": params[2:]}], lr=0.1)
+    model(torch.randn(2, 5)).sum().backward()
+    params[3].grad.set_(torch.ones(7))
+    before = _params(model)
+    with pytest.raises(ValueError, match="shape"):
+        optimizer.step()
+    for a, b in zip(_params(model), before):
+        assert torch.equal(a, b)
+
+
 def test_complex_parameters_are_refused():
     with pytest.raises(ValueError, match="complex"):
         AdamW([torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64))])
