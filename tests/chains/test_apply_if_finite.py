@@ -11,20 +11,21 @@ import torch
 from gradchain.chains import apply_if_finite, chain
 from gradchain.core import GradientTransformation
 from gradchain.transforms import scale_by_adam, scale_by_learning_rate, trace
+from chain_helpers import clone as _clone, grads, params
+
+
+
+
+
+
 
 
 def _params() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return {"w": torch.randn(3, 2, generator=g), "b": torch.randn(3, generator=g)}
+    return params(torch.float32)
 
 
 def _grads(step: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(100 + step)
-    return {"w": torch.randn(3, 2, generator=g), "b": torch.randn(3, generator=g)}
-
-
-def _clone(tree):
-    return {k: v.clone() for k, v in tree.items()}
+    return grads(step, torch.float32)
 
 
 def _poisoned(step: int, name: str, value: float) -> dict[str, torch.Tensor]:

@@ -21,6 +21,8 @@ from gradchain.transforms import (
     scale_by_sign,
     trace,
 )
+from chain_helpers import clone as _clone, grads as _grads, params as _params
+from chain_helpers import state_tensors as _state_tensors
 
 
 def _spy(log: list, leafwise: bool = True) -> GradientTransformation:
@@ -51,21 +53,10 @@ def _terminal() -> GradientTransformation:
                                   terminal=True)
 
 
-def _params(dtype=torch.float64) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(3)
-    return {"w": torch.randn(3, 2, generator=g, dtype=dtype),
-            "b": torch.randn(3, generator=g, dtype=dtype)}
 
 
-def _grads(seed: int, dtype=torch.float64) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(100 + seed)
-    return {"w": torch.randn(3, 2, generator=g, dtype=dtype),
-            "b": torch.randn(3, generator=g, dtype=dtype)}
 
 
-def _clone(tree):
-    return {k: v.clone() for k, v in tree.items()} if isinstance(tree, dict) \
-        else [v.clone() for v in tree]
 
 
 def _assert_tree_equal(a, b):
@@ -265,21 +256,6 @@ def _stepped_adam():
     return tx, params, state
 
 
-def _state_tensors(state):
-    out = []
-
-    def walk(node):
-        if isinstance(node, torch.Tensor):
-            out.append(node)
-        elif isinstance(node, (list, tuple)):
-            for n in node:
-                walk(n)
-        elif isinstance(node, dict):
-            for n in node.values():
-                walk(n)
-
-    walk(state)
-    return out
 
 
 @pytest.mark.parametrize("bad, message", [

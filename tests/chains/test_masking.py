@@ -24,6 +24,7 @@ from gradchain.transforms import (
     scale_by_rms,
     trace,
 )
+from chain_helpers import clone as _clone, state_tensors as _tensors
 
 SHAPES = {"emb.weight": (5, 3), "l1.weight": (4, 3), "l1.bias": (4,), "l2.weight": (2, 4),
           "l2.bias": (2,)}
@@ -36,26 +37,8 @@ def _tree(seed: int, dtype=torch.float64) -> dict[str, torch.Tensor]:
     return {k: torch.randn(s, generator=g, dtype=dtype) for k, s in SHAPES.items()}
 
 
-def _clone(tree):
-    return {k: v.clone() for k, v in tree.items()} if isinstance(tree, dict) \
-        else [v.clone() for v in tree]
 
 
-def _tensors(state) -> list[torch.Tensor]:
-    out = []
-
-    def walk(node):
-        if isinstance(node, torch.Tensor):
-            out.append(node)
-        elif isinstance(node, (list, tuple)):
-            for n in node:
-                walk(n)
-        elif isinstance(node, dict):
-            for n in node.values():
-                walk(n)
-
-    walk(state)
-    return out
 
 
 def _spy(log: list) -> GradientTransformation:

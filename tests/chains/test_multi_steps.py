@@ -10,22 +10,13 @@ import torch
 from gradchain.chains import chain, multi_steps
 from gradchain.core import EmptyState, GradientTransformation, apply_updates
 from gradchain.transforms import scale, scale_by_adam, scale_by_learning_rate, trace
+from chain_helpers import clone as _clone, grads as _grads, params as _params
 
 
-def _params() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return {"w": torch.randn(3, 2, generator=g, dtype=torch.float64),
-            "b": torch.randn(3, generator=g, dtype=torch.float64)}
 
 
-def _grads(step: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(100 + step)
-    return {"w": torch.randn(3, 2, generator=g, dtype=torch.float64),
-            "b": torch.randn(3, generator=g, dtype=torch.float64)}
 
 
-def _clone(tree):
-    return {k: v.clone() for k, v in tree.items()}
 
 
 def _spy(log: list) -> GradientTransformation:
