@@ -56,6 +56,7 @@ __all__ = [
     "expand_state",
     "flatten_state",
     "unflatten_state",
+    "needs_hvp",
     "check_structure",
     "check_dense_real",
     "check_number",
@@ -89,6 +90,10 @@ class GradientTransformation(NamedTuple):
     on the same entry of the inputs and of the state, which they update in place; the adapter
     may then run a large parameter as blocks of rows (views; a mask sees the parameter's name).
     A transform that is not sure is neither.
+
+    ``needs_hvp(state) -> bool``, when given, says whether the next ``update`` from ``state``
+    uses the ``hvp`` extra (a callable ``v -> H v`` of the same minibatch loss), so that a
+    training loop builds the double-backward graph only on those steps.
     """
 
     init: Callable[[Tree], Any]
@@ -96,6 +101,7 @@ class GradientTransformation(NamedTuple):
     terminal: bool = False
     leafwise: bool = False
     elementwise: bool = False
+    needs_hvp: Callable[[Any], bool] | None = None
 
 
 class EmptyState(NamedTuple):
@@ -465,6 +471,11 @@ def unflatten_state(template: Any, per_param: Sequence[Mapping[str, Any]],
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def needs_hvp(transform: GradientTransformation, state: Any) -> bool:
+    """Whether the next ``transform.update`` from ``state`` uses the ``hvp`` extra."""
+    return transform.needs_hvp is not None and bool(transform.needs_hvp(state))
 
 
 def _check_number(name: str, value: Any) -> bool:

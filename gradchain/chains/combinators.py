@@ -25,6 +25,7 @@ from gradchain.core import (
     leaves,
     merge_state,
     names,
+    needs_hvp,
     resolve,
     select_state,
     selected_indices,
@@ -92,7 +93,18 @@ def _sequential(members: list[tuple[str, GradientTransformation]], keyed: bool
         terminal=bool(members) and members[-1][1].terminal,
         leafwise=all(tx.leafwise for _, tx in members),
         elementwise=all(tx.elementwise for _, tx in members),
+        needs_hvp=_any_needs_hvp([(name if keyed else i, tx)
+                                  for i, (name, tx) in enumerate(members)]),
     )
+
+
+def _any_needs_hvp(members: list[tuple[Any, GradientTransformation]]
+                   ) -> Callable[[Any], bool] | None:
+    """``needs_hvp`` of a combinator whose state holds the members' states under their keys."""
+    asking = [(key, tx) for key, tx in members if tx.needs_hvp is not None]
+    if not asking:
+        return None
+    return lambda state: any(needs_hvp(tx, state[key]) for key, tx in asking)
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
@@ -185,7 +197,8 @@ def masked(inner: GradientTransformation, mask: Selector) -> GradientTransformat
         return as_tree(updates, merged), state
 
     return GradientTransformation(init, update, terminal=inner.terminal, leafwise=inner.leafwise,
-                                  elementwise=inner.elementwise and not callable(mask))
+                                  elementwise=inner.elementwise and not callable(mask),
+                                  needs_hvp=inner.needs_hvp)
 
 
 def partition(transforms: Mapping[str, GradientTransformation], labels: Selector
@@ -234,7 +247,8 @@ def partition(transforms: Mapping[str, GradientTransformation], labels: Selector
                                   terminal=any(tx.terminal for tx in members),
                                   leafwise=all(tx.leafwise for tx in members),
                                   elementwise=all(tx.elementwise for tx in members)
-                                  and not callable(labels))
+                                  and not callable(labels),
+                                  needs_hvp=_any_needs_hvp(list(transforms.items())))
 
 
 def freeze(mask: Selector) -> GradientTransformation:
@@ -315,7 +329,9 @@ def inject_hyperparams(factory: Callable[..., GradientTransformation],
                                         inner_state)
 
         return GradientTransformation(init, update, terminal=first.terminal,
-                                      leafwise=first.leafwise, elementwise=first.elementwise)
+                                      leafwise=first.leafwise, elementwise=first.elementwise,
+                                      needs_hvp=None if first.needs_hvp is None else
+                                      lambda state: needs_hvp(first, state.inner))
 
     return build
 
@@ -360,8 +376,12 @@ def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransfor
             torch._foreach_zero_(acc)
         return out, MultiStepsState(0, acc, inner_state)
 
+    def inner_runs_next(state: MultiStepsState) -> bool:
+        return state.mini_step + 1 == every_k and needs_hvp(inner, state.inner)
+
     return GradientTransformation(init, update, terminal=inner.terminal,
-                                  leafwise=inner.leafwise, elementwise=inner.elementwise)
+                                  leafwise=inner.leafwise, elementwise=inner.elementwise,
+                                  needs_hvp=None if inner.needs_hvp is None else inner_runs_next)
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:
@@ -414,4 +434,6 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_skips: int = 
         zeros = as_tree(updates, [torch.zeros_like(t) for t in u])
         return zeros, ApplyIfFiniteState(skips, state.total_skips + 1, state.inner)
 
-    return GradientTransformation(init, update, terminal=inner.terminal)
+    return GradientTransformation(init, update, terminal=inner.terminal,
+                                  needs_hvp=None if inner.needs_hvp is None else
+                                  lambda state: needs_hvp(inner, state.inner))
