@@ -93,7 +93,8 @@ class GradientTransformation(NamedTuple):
 
     ``needs_hvp(state) -> bool``, when given, says whether the next ``update`` from ``state``
     uses the ``hvp`` extra (a callable ``v -> H v`` of the same minibatch loss), so that a
-    training loop builds the double-backward graph only on those steps.
+    training loop builds the double-backward graph only on those steps. ``accepts_sparse``
+    transforms take sparse COO gradients.
     """
 
     init: Callable[[Tree], Any]
@@ -102,6 +103,7 @@ class GradientTransformation(NamedTuple):
     leafwise: bool = False
     elementwise: bool = False
     needs_hvp: Callable[[Any], bool] | None = None
+    accepts_sparse: bool = False
 
 
 class EmptyState(NamedTuple):

@@ -95,6 +95,7 @@ def _sequential(members: list[tuple[str, GradientTransformation]], keyed: bool
         elementwise=all(tx.elementwise for _, tx in members),
         needs_hvp=_any_needs_hvp([(name if keyed else i, tx)
                                   for i, (name, tx) in enumerate(members)]),
+        accepts_sparse=all(tx.accepts_sparse for _, tx in members),
     )
 
 
@@ -198,7 +199,7 @@ def masked(inner: GradientTransformation, mask: Selector) -> GradientTransformat
 
     return GradientTransformation(init, update, terminal=inner.terminal, leafwise=inner.leafwise,
                                   elementwise=inner.elementwise and not callable(mask),
-                                  needs_hvp=inner.needs_hvp)
+                                  needs_hvp=inner.needs_hvp, accepts_sparse=inner.accepts_sparse)
 
 
 def partition(transforms: Mapping[str, GradientTransformation], labels: Selector
@@ -248,7 +249,8 @@ def partition(transforms: Mapping[str, GradientTransformation], labels: Selector
                                   leafwise=all(tx.leafwise for tx in members),
                                   elementwise=all(tx.elementwise for tx in members)
                                   and not callable(labels),
-                                  needs_hvp=_any_needs_hvp(list(transforms.items())))
+                                  needs_hvp=_any_needs_hvp(list(transforms.items())),
+                                  accepts_sparse=all(tx.accepts_sparse for tx in members))
 
 
 def freeze(mask: Selector) -> GradientTransformation:
@@ -331,7 +333,8 @@ def inject_hyperparams(factory: Callable[..., GradientTransformation],
         return GradientTransformation(init, update, terminal=first.terminal,
                                       leafwise=first.leafwise, elementwise=first.elementwise,
                                       needs_hvp=None if first.needs_hvp is None else
-                                      lambda state: needs_hvp(first, state.inner))
+                                      lambda state: needs_hvp(first, state.inner),
+                                      accepts_sparse=first.accepts_sparse)
 
     return build
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from copy import deepcopy
 from typing import Any
 
@@ -16,6 +18,7 @@ from gradchain.core import (
     flatten_state,
     leaves,
     merge_state,
+    needs_hvp,
     resolve,
     select_state,
     unflatten_state,
@@ -174,23 +177,48 @@ class ChainOptimizer(torch.optim.Optimizer):
         group = self.param_groups[index]
         return tx.init(dict(zip(self._names(group), group["params"])))
 
+    def needs_hvp(self) -> bool:
+        """Whether the next ``step`` uses Hessian-vector products in some parameter group.
+
+        On such steps, call ``loss.backward(create_graph=True)`` before ``step()``, or pass a
+        closure to ``step`` and let the optimizer run it with the graph.
+        """
+        return any(self._group_needs_hvp(i) for i in range(len(self.param_groups)))
+
+    def _group_needs_hvp(self, index: int) -> bool:
+        tx = self._transform(index)[0]
+        if tx.needs_hvp is None:
+            return False
+        state = self._group_states[index]
+        return needs_hvp(tx, self._init_group(index, tx) if state is None else state)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One optimization step over every group; returns the closure's loss, if any."""
+        """One optimization step over every group; returns the closure's loss, if any.
+
+        On steps that use Hessian-vector products (``needs_hvp()``), the closure runs with its
+        ``backward`` building the double-backward graph; that graph is released after the step.
+        """
+        curvature = [self._group_needs_hvp(i) for i in range(len(self.param_groups))]
         loss = None
         if closure is not None:
-            with torch.enable_grad():
+            with torch.enable_grad(), _backward_with_graph(any(curvature)):
                 loss = closure()
-        for group in self.param_groups:  # every gradient is checked before anything moves
-            for name, p in zip(self._names(group), group["params"]):
-                if p.grad is not None:
-                    _check_gradient(name, p)
-        for index, group in enumerate(self.param_groups):
-            self._step_group(index, group, loss)
+        try:
+            for index, group in enumerate(self.param_groups):  # check all before anything moves
+                tx = self._transform(index)[0]
+                for name, p in zip(self._names(group), group["params"]):
+                    if p.grad is not None:
+                        _check_gradient(name, p, tx.accepts_sparse, curvature[index])
+            for index, group in enumerate(self.param_groups):
+                self._step_group(index, group, loss, curvature[index])
+        finally:
+            _release_graphs(self.param_groups)
         self._refresh_state_view()
         return loss
 
-    def _step_group(self, group_index: int, group: dict[str, Any], loss: Any) -> None:
+    def _step_group(self, group_index: int, group: dict[str, Any], loss: Any,
+                    curvature: bool) -> None:
         params: list[Tensor] = group["params"]
         names = self._names(group)
         active = [i for i, p in enumerate(params) if p.grad is not None]
@@ -203,11 +231,13 @@ class ChainOptimizer(torch.optim.Optimizer):
         extras: dict[str, Any] = {"step": self._group_steps[group_index]}
         if loss is not None:
             extras["loss"] = loss
+        if curvature:
+            extras["hvp"] = _hvp([names[i] for i in active], [params[i] for i in active])
         pieces = _pieces(params, active, tx) if compiled is None else [(active, None)]
         run = compiled or _make_step(tx)
         before, after = state, state
         for index, rows in pieces:  # every piece starts from the state as it was before the step
-            grads = {names[i]: _widen(_block(params[i].grad, rows)) for i in index}
+            grads = {names[i]: _widen(_block(params[i].grad.detach(), rows)) for i in index}
             chunk_params = {names[i]: _block(params[i], rows) for i in index}
             whole = select_state(before, index)
             part = run(grads, whole if rows is None else _rows_of(whole, rows), chunk_params,
@@ -372,12 +402,64 @@ def _widen(grad: Tensor) -> Tensor:
     return grad.float() if grad.dtype in _LOW_PRECISION else grad
 
 
-def _check_gradient(name: str, param: Tensor) -> None:
+def _check_gradient(name: str, param: Tensor, accepts_sparse: bool, curvature: bool) -> None:
     grad = param.grad
     assert grad is not None
     if grad.shape != param.shape:
         raise ValueError(f"the gradient of parameter {name!r} has shape {tuple(grad.shape)}, "
                          f"the parameter has {tuple(param.shape)}")
-    if grad.is_sparse or grad.layout != torch.strided:
+    if grad.layout != torch.strided and not accepts_sparse:
         raise ValueError(f"parameter {name!r} has a sparse gradient; this optimizer needs dense "
                          "gradients (e.g. nn.Embedding(sparse=False))")
+    if curvature and grad.grad_fn is None:
+        raise ValueError(
+            f"this step uses Hessian-vector products, but the gradient of {name!r} has no graph: "
+            "call loss.backward(create_graph=True) on steps where optimizer.needs_hvp() is "
+            "True, or pass a closure to step() and the optimizer runs it with the graph")
+
+
+@contextmanager
+def _backward_with_graph(enabled: bool) -> Iterator[None]:
+    """Inside, ``loss.backward()`` (and ``torch.autograd.backward``) builds the graph of the
+    gradient, as with ``create_graph=True``; the optimizer releases it after the step."""
+    if not enabled:
+        yield
+        return
+    original = torch.autograd.backward
+
+    def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False,
+                 *args: Any, **kwargs: Any):
+        return original(tensors, grad_tensors, retain_graph, True, *args, **kwargs)
+
+    torch.autograd.backward = backward
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*create_graph=True.*reference cycle")
+            yield
+    finally:
+        torch.autograd.backward = original
+
+
+def _hvp(names: list[str], params: list[Tensor]) -> Callable[[dict[str, Tensor]],
+                                                              dict[str, Tensor]]:
+    """``v -> H v`` for the loss whose gradients (with their graph) are in ``p.grad``."""
+    grads = [p.grad for p in params]
+
+    def hvp(v: dict[str, Tensor]) -> dict[str, Tensor]:
+        outputs = [v[n].to(g.dtype) for n, g in zip(names, grads)]
+        with torch.enable_grad():
+            products = torch.autograd.grad(grads, params, grad_outputs=outputs,
+                                           retain_graph=True, allow_unused=True)
+        return {n: torch.zeros_like(v[n]) if h is None else h.detach().to(v[n].dtype)
+                for n, h in zip(names, products)}
+
+    return hvp
+
+
+def _release_graphs(groups: list[dict[str, Any]]) -> None:
+    """Detach gradients made with ``create_graph=True``: frees the graph and the reference
+    cycle parameter -> grad -> graph -> parameter."""
+    for group in groups:
+        for p in group["params"]:
+            if p.grad is not None and p.grad.grad_fn is not None:
+                p.grad = p.grad.detach()

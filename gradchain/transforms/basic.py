@@ -41,7 +41,8 @@ class ScheduleState(NamedTuple):
     count: int
 
 
-def _stateless(update_leaves, elementwise: bool = True) -> GradientTransformation:
+def _stateless(update_leaves, elementwise: bool = True, accepts_sparse: bool = False
+               ) -> GradientTransformation:
     def init(params: Tree) -> EmptyState:
         return EmptyState()
 
@@ -51,7 +52,8 @@ def _stateless(update_leaves, elementwise: bool = True) -> GradientTransformatio
             return updates, state
         return as_tree(updates, update_leaves(u, params, extras)), state
 
-    return GradientTransformation(init, update, leafwise=True, elementwise=elementwise)
+    return GradientTransformation(init, update, leafwise=True, elementwise=elementwise,
+                                  accepts_sparse=accepts_sparse)
 
 
 def _scale_leaves(u: list[torch.Tensor], factor: float | torch.Tensor, extras) -> list:
@@ -70,7 +72,7 @@ def identity() -> GradientTransformation:
         >>> tx.update([torch.ones(2)], tx.init([torch.zeros(2)]))[0]
         [tensor([1., 1.])]
     """
-    return _stateless(lambda u, params, extras: u)
+    return _stateless(lambda u, params, extras: u, accepts_sparse=True)
 
 
 def scale(factor: float) -> GradientTransformation:
@@ -86,7 +88,8 @@ def scale(factor: float) -> GradientTransformation:
     if callable(factor):
         raise ValueError("scale takes a number; use scale_by_schedule for a schedule")
     check_number("factor", factor)
-    return _stateless(lambda u, params, extras: _scale_leaves(u, factor, extras))
+    return _stateless(lambda u, params, extras: _scale_leaves(u, factor, extras),
+                      accepts_sparse=True)
 
 
 def scale_by_schedule(schedule: Schedule) -> GradientTransformation:
@@ -114,7 +117,8 @@ def scale_by_schedule(schedule: Schedule) -> GradientTransformation:
             updates = as_tree(updates, _scale_leaves(u, hoist(schedule(state.count)), extras))
         return updates, ScheduleState(state.count + 1)
 
-    return GradientTransformation(init, update, leafwise=True, elementwise=True)
+    return GradientTransformation(init, update, leafwise=True, elementwise=True,
+                                  accepts_sparse=True)
 
 
 def scale_by_learning_rate(learning_rate: Hyper, *, flip_sign: bool = True
