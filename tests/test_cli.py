@@ -203,3 +203,25 @@ def test_progress_bar_redraws_one_line_on_a_terminal_and_prints_quarters_elsewhe
 def test_docstring_examples_run(module):
     result = doctest.testmod(module)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_train_steps_curvature_optimizers_through_a_closure():
+    """An optimizer that uses Hessian-vector products trains with the default step function:
+    the task hands it a closure, which it runs with the double-backward graph."""
+    from gradchain import chain
+    from gradchain.core import GradientTransformation, leaves
+    from gradchain.optimizers import ChainOptimizer
+    from gradchain.tasks.charlm import TaskConfig, train
+    from gradchain.transforms import scale_by_learning_rate
+
+    calls = []
+
+    def update(updates, state, params=None, **extras):
+        calls.append(leaves(extras["hvp"](updates))[0].shape)
+        return updates, state
+
+    curvature = GradientTransformation(lambda params: (), update, needs_hvp=lambda state: True)
+    result = train(lambda params: ChainOptimizer(params, chain(curvature,
+                                                               scale_by_learning_rate(1e-3))),
+                   TaskConfig.small(steps=3, eval_every=3))
+    assert len(calls) == 3 and len(result.train_loss) == 3

@@ -333,6 +333,25 @@ def default_step(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimize
     return loss
 
 
+def closure_step(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer) -> Tensor:
+    """One step through a closure, for optimizers that use Hessian-vector products: the
+    optimizer runs the closure and builds the double-backward graph on the steps that need it.
+    """
+
+    def closure() -> Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = lm_loss(model, batch)
+        loss.backward()
+        return loss
+
+    return optimizer.step(closure)
+
+
+def _uses_curvature(optimizer: torch.optim.Optimizer) -> bool:
+    needs_hvp = getattr(optimizer, "needs_hvp", None)
+    return callable(needs_hvp) and bool(needs_hvp())
+
+
 def _tensors(obj: Any) -> Iterable[Tensor]:
     if isinstance(obj, Tensor):
         yield obj
@@ -398,8 +417,9 @@ def train(
             ``torch.optim.Optimizer``.
         config: sizes and schedule; ``None`` means :meth:`TaskConfig.from_env`.
         progress: called after each step as ``progress(step, total_steps, loss)``.
-        step_fn: ``step_fn(model, batch, optimizer) -> loss`` replaces :func:`default_step`,
-            for recipes that need a closure or ``backward(create_graph=True)``; build the loss
+        step_fn: ``step_fn(model, batch, optimizer) -> loss`` replaces the default:
+            :func:`closure_step` for optimizers that use Hessian-vector products (their
+            ``needs_hvp()`` is True at the start), :func:`default_step` otherwise. Build the loss
             with :func:`lm_loss`.
 
     Example:
@@ -408,7 +428,6 @@ def train(
         True
     """
     config = config or TaskConfig.from_env()
-    step_fn = step_fn or default_step
     train_data, val_data = _splits(config.max_chars)
     generator = torch.Generator().manual_seed(config.seed)
     eval_generator = torch.Generator().manual_seed(config.seed + 1)
@@ -417,6 +436,7 @@ def train(
 
     model = make_model(config)
     optimizer = optimizer_factory(list(model.named_parameters()))
+    step_fn = step_fn or (closure_step if _uses_curvature(optimizer) else default_step)
     opt_times = _timed_opt_steps(optimizer)
     result = TrainResult()
     step_times: list[float] = []
