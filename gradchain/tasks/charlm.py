@@ -324,6 +324,18 @@ def lm_loss(model: nn.Module, batch: Batch) -> Tensor:
     )
 
 
+def train_batches(config: TaskConfig, count: int, seed: int = 0) -> list[Batch]:
+    """``count`` training batches of the task, drawn with ``seed`` (for benchmarks).
+
+    Example:
+        >>> x, y = train_batches(TaskConfig.small(), 1)[0]
+        >>> x.shape == y.shape == (TaskConfig.small().batch_size, TaskConfig.small().seq_len)
+        True
+    """
+    train_data, _ = _splits(config.max_chars)
+    return list(islice(_batches(train_data, config, torch.Generator().manual_seed(seed)), count))
+
+
 def default_step(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer) -> Tensor:
     """One plain step: ``zero_grad``, forward, ``loss.backward()``, ``optimizer.step()``."""
     optimizer.zero_grad(set_to_none=True)
