@@ -43,6 +43,7 @@ __all__ = [
     "sgdr_schedule",
     "piecewise_constant_schedule",
     "join_schedules",
+    "sm3_warmup_cooldown",
 ]
 
 
@@ -326,6 +327,48 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
     def schedule(count: int) -> float:
         i = bisect_right(boundaries, count)
         return schedules[i](count - starts[i])
+
+    return schedule
+
+
+def sm3_warmup_cooldown(peak_value: float, warmup_steps: int, total_steps: int | None,
+                        power: float = 2.0, cooldown_fraction: float = 0.1) -> Schedule:
+    r"""SM3 authors' advice (ALGORITHMS.md §8.2): a polynomial warm-up, then constant, then a
+    linear cool-down to 0 over the last ``cooldown_fraction`` of the steps.
+
+    .. math::
+        \eta_t = \eta_{\text{peak}} \max\Bigl(0, \min\Bigl(1, (t / W)^{p},
+                  \frac{T - t}{f\,T}\Bigr)\Bigr)
+
+    with :math:`W` = ``warmup_steps`` (>= 0; 0 means no warm-up), :math:`T` = ``total_steps``
+    (> 0 and >= W; ``None`` means no cool-down), :math:`p` = ``power`` (> 0; 2 is the authors'
+    quadratic ramp, 1 a linear one) and :math:`f` = ``cooldown_fraction`` in (0, 1]. With the
+    0-based count the first value is 0 (the first step is a no-op when W > 0), and the
+    :math:`\max(0, \cdot)` keeps steps beyond T at 0. The cool-down is the authors' memory-free
+    alternative to Polyak averaging; there is no other decay.
+
+    Example:
+        >>> f = sm3_warmup_cooldown(1.0, warmup_steps=2, total_steps=10, cooldown_fraction=0.2)
+        >>> [f(k) for k in range(12)]
+        [0.0, 0.25, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.0, 0.0]
+    """
+    peak = _real("peak_value", peak_value)
+    warmup = _integer("warmup_steps", warmup_steps, 0)
+    total = None if total_steps is None else _integer("total_steps", total_steps, 1)
+    power = _positive("power", power)
+    fraction = _positive("cooldown_fraction", cooldown_fraction)
+    if fraction > 1.0:
+        _fail("cooldown_fraction", "in (0, 1]", cooldown_fraction)
+    if total is not None and warmup > total:
+        _fail("warmup_steps", f"<= total_steps = {total}", warmup_steps)
+
+    def schedule(count: int) -> float:
+        factor = 1.0
+        if count < warmup:
+            factor = (count / warmup) ** power
+        if total is not None:
+            factor = min(factor, (total - count) / (fraction * total))
+        return peak * max(0.0, factor)
 
     return schedule
 

@@ -10,7 +10,9 @@ from gradchain.chains.combinators import (
     named_chain,
     partition,
 )
+from gradchain.chains.esgd import esgd_m
 from gradchain.chains.recipes import adam, adamw, sgd
+from gradchain.chains.sm3 import sm3
 
 __all__ = [
     "chain",
@@ -24,4 +26,6 @@ __all__ = [
     "sgd",
     "adam",
     "adamw",
+    "sm3",
+    "esgd_m",
 ]

@@ -10,7 +10,9 @@ from gradchain.transforms.basic import (
     scale_by_sign,
 )
 from gradchain.transforms.clipping import clip, clip_by_global_norm
-from gradchain.transforms.momentum import ema, trace
+from gradchain.transforms.curvature import scale_by_abs_hessian_diag
+from gradchain.transforms.momentum import ema, qh_momentum, trace
+from gradchain.transforms.sm3 import scale_by_sm3
 
 __all__ = [
     "identity",
@@ -21,8 +23,11 @@ __all__ = [
     "scale_by_sign",
     "trace",
     "ema",
+    "qh_momentum",
     "scale_by_adam",
     "scale_by_rms",
+    "scale_by_sm3",
+    "scale_by_abs_hessian_diag",
     "clip",
     "clip_by_global_norm",
 ]

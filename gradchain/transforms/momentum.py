@@ -1,4 +1,5 @@
-"""First-moment transforms: heavy-ball momentum (``trace``) and exponential moving averages."""
+"""First-moment transforms: heavy-ball momentum (``trace``), exponential moving averages (``ema``)
+and quasi-hyperbolic momentum (``qh_momentum``)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from gradchain.core import (
     Hyper,
     Tree,
     as_tree,
+    check_choice,
     check_decay,
     check_dense_real,
+    check_number,
     hoist,
     leaves,
     resolve,
@@ -21,7 +24,7 @@ from gradchain.core import (
     zeros_like_state,
 )
 
-__all__ = ["trace", "ema"]
+__all__ = ["trace", "ema", "qh_momentum"]
 
 
 class TraceState(NamedTuple):
@@ -32,6 +35,11 @@ class TraceState(NamedTuple):
 class EmaState(NamedTuple):
     count: int
     ema: list[Tensor]
+
+
+class QHMomentumState(NamedTuple):
+    count: int
+    momentum: list[Tensor]
 
 
 def trace(decay: Hyper = 0.9, nesterov: bool = False) -> GradientTransformation:
@@ -83,7 +91,7 @@ def ema(decay: Hyper = 0.9, debias: bool = True) -> GradientTransformation:
         o_t = m_t / (1-\\beta^t) \\;\\text{(debias)}\\;\\text{or}\\; m_t
 
     ``decay`` (β) defaults to 0.9; it may be a schedule when ``debias=False`` (the correction
-    :math:`1-\beta^t` assumes a constant β). State: one buffer per parameter.
+    :math:`1-\\beta^t` assumes a constant β). State: one buffer per parameter.
 
     Example:
         >>> tx = ema(0.5)
@@ -109,5 +117,84 @@ def ema(decay: Hyper = 0.9, debias: bool = True) -> GradientTransformation:
             correction = 1.0 - beta ** count if debias else 1.0
             updates = as_tree(updates, torch._foreach_div(m, hoist(correction)))
         return updates, EmaState(count, m)
+
+    return GradientTransformation(init, update, leafwise=True, elementwise=True)
+
+
+_QH_CORRECTIONS = ("esgd", "qhadam", "none")
+
+
+def qh_momentum(beta: float = 0.9, nu: float | None = None,
+                bias_correction: str = "esgd") -> GradientTransformation:
+    r"""Quasi-hyperbolic momentum (Ma & Yarats, 2019), with ESGD-M's bias correction.
+
+    An exponential moving average of the updates, mixed back with the current update:
+
+    .. math::
+        m_t = \beta\, m_{t-1} + (1-\beta)\, u_t, \qquad
+        q_t = \nu\, m_t + (1-\nu)\, u_t
+
+    and the output, by ``bias_correction`` (t counts every call, from 1):
+
+    - ``"esgd"`` (default, ESGD-M): :math:`o_t = q_t / (1-\nu\beta^t)`. A constant input comes
+      out unchanged at every step, and the first output is :math:`u_1` for any ν.
+    - ``"qhadam"`` (QHAdam's numerator): :math:`o_t = \nu\, m_t/(1-\beta^t) + (1-\nu)\, u_t`.
+    - ``"none"`` (the QHM paper): :math:`o_t = q_t`.
+
+    Special cases: ν = 0 is no momentum (:math:`o = u`); ν = 1 is EMA momentum
+    (:math:`m_t`, bias-corrected under ``"esgd"`` and ``"qhadam"``); ν = β is Nesterov's
+    look-ahead. With ``"none"``, ν = 1 gives :math:`(1-\beta)` times ``torch.optim.SGD``'s
+    momentum buffer and ν = β :math:`(1-\beta)` times its Nesterov direction (both with
+    dampening 0). ``nu=None`` means ν = β (Nesterov), ESGD-M's default; the QHM paper
+    recommends β = 0.999, ν = 0.7.
+
+    Defaults: β = 0.9, ν = β, ``"esgd"``. ``beta`` in [0, 1) and ``nu`` in [0, 1] are numbers
+    (the corrections assume a constant β). State: ``momentum`` (:math:`m`), one buffer per
+    parameter (float32 for 16-bit parameters), and ``count``.
+
+    Example:
+        >>> tx = qh_momentum(beta=0.5, nu=0.5)
+        >>> s = tx.init([torch.zeros(1)])
+        >>> u, s = tx.update([torch.ones(1)], s); u  # t = 1: the input itself
+        [tensor([1.])]
+        >>> u, s = tx.update([torch.full((1,), 3.0)], s); u  # (0.5 * 1.75 + 0.5 * 3) / 0.875
+        [tensor([2.7143])]
+    """
+    for name, value in (("beta", beta), ("nu", nu)):
+        if callable(value):
+            raise ValueError(f"qh_momentum needs a constant {name}, not a schedule")
+    check_decay("beta", beta)
+    if nu is None:
+        nu = beta
+    check_number("nu", nu)
+    if not 0.0 <= float(nu) <= 1.0:
+        raise ValueError(f"nu must be in [0, 1], got {nu}")
+    check_choice("bias_correction", bias_correction, _QH_CORRECTIONS)
+    beta, nu = float(beta), float(nu)
+
+    def init(params: Tree) -> QHMomentumState:
+        return QHMomentumState(count=0, momentum=zeros_like_state(leaves(params)))
+
+    def update(updates: Tree, state: QHMomentumState, params: Tree | None = None,
+               **extras: Any):
+        u = leaves(updates)
+        t = state.count + 1
+        if not u:
+            return updates, state._replace(count=t)
+        check_dense_real(u, "qh_momentum")
+        m = state.momentum
+        torch._foreach_lerp_(m, u, 1.0 - beta)               # m <- beta m + (1 - beta) u
+        if nu == 0.0:                                        # no momentum: o = u
+            out = list(u)
+        elif bias_correction == "qhadam":
+            out = torch._foreach_mul(m, hoist(nu / (1.0 - beta ** t)))
+            torch._foreach_add_(out, u, alpha=1.0 - nu)      # nu m-hat + (1 - nu) u
+        else:
+            out = writable(u, extras)
+            torch._foreach_lerp_(out, m, nu)                 # q = nu m + (1 - nu) u
+            correction = 1.0 - nu * beta ** t if bias_correction == "esgd" else 1.0
+            if correction != 1.0:
+                torch._foreach_mul_(out, hoist(1.0 / correction))
+        return as_tree(updates, out), QHMomentumState(t, m)
 
     return GradientTransformation(init, update, leafwise=True, elementwise=True)
