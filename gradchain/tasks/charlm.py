@@ -112,6 +112,7 @@ DEFAULT_HYPERPARAMETERS: dict[str, dict[str, float]] = {
     "adamw": {"lr": 1e-3},
     "adam": {"lr": 1e-3},
     "sgd": {"lr": 0.05, "momentum": 0.9},
+    "esgd": {"lr": 0.5},  # the class default, 1.0, diverges on this task
 }
 
 #: What ``optimizer_factory`` receives: ``(name, parameter)`` pairs, as from
