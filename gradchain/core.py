@@ -46,6 +46,7 @@ __all__ = [
     "subset",
     "selected_indices",
     "apply_updates",
+    "all_finite",
     "writable",
     "state_dtype",
     "zeros_like_state",
@@ -194,6 +195,22 @@ def selected_indices(tree: Tree, selector: Selector, what: str = "mask") -> list
 
 # ----------------------------------------------------------------------------------------------
 # Updates
+
+
+def all_finite(tensors: Sequence[Tensor]) -> bool:
+    """Whether every entry of every tensor is finite, with one host synchronisation (a max-norm
+    is finite iff all its entries are; a 2-norm could overflow on large finite values).
+
+    Example:
+        >>> all_finite([torch.ones(2), torch.tensor([1.0, float("nan")])])
+        False
+    """
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return True
+    norms = torch._foreach_norm(tensors, ord=math.inf)
+    return bool(torch.stack([n.to(norms[0].device, torch.float32) for n in norms])
+                .isfinite().all())
 
 
 def check_structure(updates: Tree, params: Tree, what: str = "updates") -> None:

@@ -8,7 +8,6 @@ schedules any numeric hyperparameter, ``multi_steps`` accumulates gradients and
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -18,6 +17,7 @@ from torch import Tensor
 from gradchain.core import (
     GradientTransformation,
     Selector,
+    all_finite,
     Tree,
     as_tree,
     check_structure,
@@ -387,14 +387,6 @@ def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransfor
                                   needs_hvp=None if inner.needs_hvp is None else inner_runs_next)
 
 
-def _all_finite(tensors: list[Tensor]) -> bool:
-    """One host synchronisation: the max-norm of a tensor is finite iff all its entries are."""
-    tensors = [t for t in tensors if t.numel()]
-    if not tensors:
-        return True
-    norms = torch._foreach_norm(tensors, ord=math.inf)
-    device = norms[0].device
-    return bool(torch.stack([n.to(device, torch.float32) for n in norms]).isfinite().all())
 
 
 class ApplyIfFiniteState(NamedTuple):
@@ -425,7 +417,7 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_skips: int = 
 
     def update(updates: Tree, state: ApplyIfFiniteState, params: Tree | None = None, **extras):
         u = leaves(updates)
-        finite = not u or _all_finite(u)
+        finite = all_finite(u)
         if finite:
             out, inner_state = inner.update(updates, state.inner, params, **extras)
             return out, ApplyIfFiniteState(0, state.total_skips, inner_state)

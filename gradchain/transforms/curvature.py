@@ -19,6 +19,7 @@ from torch import Tensor
 
 from gradchain.core import (
     GradientTransformation,
+    all_finite,
     Tree,
     as_tree,
     check_decay,
@@ -72,14 +73,6 @@ def _rademacher(like: list[Tensor], generator: torch.Generator) -> list[Tensor]:
             for t, flat in zip(like, signs.split(sizes))]
 
 
-def _all_finite(tensors: list[Tensor]) -> bool:
-    """One host synchronisation: a max-norm is finite iff every entry is."""
-    tensors = [t for t in tensors if t.numel()]
-    if not tensors:
-        return True
-    norms = torch._foreach_norm(tensors, ord=math.inf)
-    device = norms[0].device
-    return bool(torch.stack([n.to(device, torch.float32) for n in norms]).isfinite().all())
 
 
 def _missing_hvp(step: int) -> ValueError:
@@ -185,7 +178,7 @@ def scale_by_abs_hessian_diag(b2: float = 0.999, eps: float = 1e-4, update_d_eve
             rng_state = generator.get_state()
             h = [x.to(di.dtype) for x, di in zip(_hvp_leaves(hvp, updates, probes), d)]
             squares = torch._foreach_mul(h, h)
-            if _all_finite(squares):
+            if all_finite(squares):
                 torch._foreach_lerp_(d, squares, 1.0 - b2)   # D <- b2 D + (1 - b2) h^2
                 k += 1
             elif not warned:
