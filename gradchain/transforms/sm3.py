@@ -121,6 +121,11 @@ def scale_by_sm3(b1: float = 0.0, b2: float = 1.0, eps: float = 1e-30,
         eps: >= 0, added to :math:`\nu_t` inside the square root.
         ema_accumulator_rule: ``"assign"`` or ``"running_max"`` (matters only for b2 < 1).
 
+    ``b1``, ``b2`` and ``eps`` are numbers, not schedules: the state keeps no step count
+    (``ChainOptimizer`` evaluates a schedule given as a hyperparameter before building the
+    transform). A state initialised with ``b1 = 0`` has no momentum buffers and cannot be
+    continued with ``b1 > 0``.
+
     Example:
         >>> tx = scale_by_sm3(eps=0.0)
         >>> state = tx.init([torch.zeros(2, 3)])
@@ -231,20 +236,23 @@ class _Rule(NamedTuple):
 
     def dense(self, g: Tensor, mu: tuple[Tensor, ...], m: Tensor | None, blocked: bool,
               scratch: dict[torch.dtype, Tensor]) -> Tensor:
-        """The output for a dense leaf; updates ``mu`` (and ``m``) in place."""
+        """The output for a dense leaf; updates ``mu`` (and ``m``) in place. ``blocked``: in
+        blocks of rows (CPU, eager), else in one piece (``_whole``)."""
         dtype = torch.promote_types(g.dtype, mu[0].dtype)
-        out = torch.empty(g.shape, dtype=dtype, device=g.device)
         if g.numel() == 0:
-            return out
-        if g.dim() == 0:  # a scalar is a vector of one entry (reshapes of 0-d tensors are views)
-            g, o, mu = g.reshape(1), out.reshape(1), (mu[0].reshape(1),)
+            return torch.empty(g.shape, dtype=dtype, device=g.device)
+        if g.dim() == 0:  # a scalar is a vector of one entry (reshapes of 0-d tensors are views;
+            # in-place updates of 0-d float64 inputs are also lost under torch.compile 2.13)
+            g, mu = g.reshape(1), (mu[0].reshape(1),)
             m = None if m is None else m.reshape(1)
-        else:
-            o = out
+            return self.dense(g, mu, m, blocked, scratch).reshape(())
+        if not blocked:
+            return self._whole(g, mu, m)
+        out = torch.empty(g.shape, dtype=dtype, device=g.device)
         n0, row = g.shape[0], g.numel() // g.shape[0]
-        step = min(n0, max(1, BLOCK_ELEMENTS // row)) if blocked else n0
-        # on CPU in eager mode, skip the guard and eps where the accumulators show them idle
-        plan = self._plan(mu, step, dtype) if blocked and g.numel() >= PLAN_ELEMENTS else None
+        step = min(n0, max(1, BLOCK_ELEMENTS // row))
+        # skip the guard and eps where the accumulators show them idle
+        plan = self._plan(mu, step, dtype) if g.numel() >= PLAN_ELEMENTS else None
         size = step * row
         buffer = scratch.get(dtype)
         if buffer is None or buffer.numel() < size or buffer.device != g.device:
@@ -255,13 +263,32 @@ class _Rule(NamedTuple):
             g_rows = g[rows]
             nu = buffer[:g_rows.numel()].view(g_rows.shape)
             self._rows(g_rows, mu, rows, others, nu)
-            self._precondition(g_rows, nu, o[rows], *(plan[start // step] if plan else ()))
+            self._precondition(g_rows, nu, out[rows], *(plan[start // step] if plan else ()))
             if m is not None:  # m <- b1 m + (1 - b1) p; o = m
-                m[rows].lerp_(o[rows], 1.0 - self.b1)
-                o[rows].copy_(m[rows])
+                m[rows].lerp_(out[rows], 1.0 - self.b1)
+                out[rows].copy_(m[rows])
         for accumulator, new in zip(mu[1:], others):
             self._assign(accumulator, new)
         return out
+
+    def _whole(self, g: Tensor, mu: tuple[Tensor, ...], m: Tensor | None) -> Tensor:
+        """``dense`` in one piece, as plain functions of the inputs: under ``torch.compile``
+        (which fuses them) and off the CPU. The same arithmetic as the blocks, in eager mode."""
+        previous = mu[0]
+        for accumulator in mu[1:]:
+            previous = torch.minimum(previous, accumulator)
+        nu = torch.addcmul(previous if self.d == 1.0 else previous * self.d, g, g, value=self.c)
+        if len(mu) == 1:
+            self._assign(mu[0], nu)
+        axes = range(g.dim())
+        for a in axes if len(mu) > 1 else ():
+            self._assign(mu[a], nu.amax(dim=tuple(k for k in axes if k != a), keepdim=True))
+        denominator = torch.rsqrt(nu + self.eps) if self.eps else torch.rsqrt(nu)
+        out = torch.where(nu == 0, 0.0, g * denominator)
+        if m is None:
+            return out
+        m.lerp_(out, 1.0 - self.b1)
+        return m.clone()
 
     def _rows(self, g: Tensor, mu: tuple[Tensor, ...], rows: slice, others: list[Tensor | None],
               nu: Tensor) -> None:

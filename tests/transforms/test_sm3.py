@@ -266,6 +266,22 @@ def test_blocks_and_plans_give_bitwise_the_same_result(monkeypatch, eps, b2):
             assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+@pytest.mark.parametrize("b1, b2, eps", [(0.0, 1.0, 0.0), (0.5, 0.9, 1e-30), (0.3, 0.7, 1e-3)])
+def test_the_whole_leaf_path_for_compile_and_gpus_gives_bitwise_the_same_result(monkeypatch, b1,
+                                                                                b2, eps):
+    shapes = [(9, 4), (5, 3, 2), (7,), (), (4, 1)]
+    grads = [list(gs) for gs in zip(*(random_grads(s, 6, seed=20 + k, zeros=0.3)
+                                      for k, s in enumerate(shapes)))]
+    params = [torch.zeros(s, dtype=F64) for s in shapes]
+    blocked = run(scale_by_sm3(b1=b1, b2=b2, eps=eps), grads, params)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    whole = run(scale_by_sm3(b1=b1, b2=b2, eps=eps), grads, params)
+    for a, b in zip(blocked[0], whole[0]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for a, b in zip(blocked[1].mu, whole[1].mu):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 def test_plan_skips_the_guard_and_eps_only_where_they_are_idle():
     plan = sm3_module._Rule(0.0, 1.0, 1.0, 1e-20, False)._plan(
         (torch.tensor([[0.0], [1e-30], [1.0], [4.0]], dtype=F64),
@@ -493,6 +509,15 @@ def test_outputs_are_handed_over_not_shared_with_the_state():
         assert all(torch.equal(a, b) for a, b in zip(out, expected))
         for o in out:
             o.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("compiling", [False, True])
+def test_empty_leaves_are_fine(monkeypatch, compiling):
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    shapes = [(0, 3), (0,), (2, 0, 4)]
+    tx = scale_by_sm3(b1=0.5)
+    out, _ = tx.update([torch.zeros(s) for s in shapes], tx.init([torch.zeros(s) for s in shapes]))
+    assert [o.shape for o in out] == [torch.Size(s) for s in shapes]
 
 
 def test_empty_tree_is_accepted():
