@@ -25,7 +25,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
-from step_time import gpt_parameters, state_bytes  # noqa: E402
+from step_time import gpt_parameters_with_gradients, state_bytes  # noqa: E402
 
 from gradchain.optimizers.sm3 import SM3  # noqa: E402
 
@@ -64,11 +64,7 @@ def main() -> None:
     parser.add_argument("--momentum", type=float, default=0.0)
     parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    template = gpt_parameters()
-    for p in template:
-        p.grad = torch.randn_like(p) * 1e-2
+    template = gpt_parameters_with_gradients(args.threads)
     count = sum(p.numel() for p in template)
     print(f"{count / 1e6:.1f}M parameters in {len(template)} tensors, {args.threads} threads, "
           f"momentum {args.momentum}, torch {torch.__version__}")

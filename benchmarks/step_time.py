@@ -40,6 +40,16 @@ def gpt_parameters(vocab: int = 8192, d_model: int = 512, layers: int = 6) -> li
     return list(model.parameters())
 
 
+def gpt_parameters_with_gradients(threads: int) -> list[nn.Parameter]:
+    """``gpt_parameters()`` with fixed random gradients, torch set to ``threads`` threads."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    template = gpt_parameters()
+    for p in template:
+        p.grad = torch.randn_like(p) * 1e-2
+    return template
+
+
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of the distinct tensor storages in the optimizer's state."""
     seen, total = set(), 0
@@ -80,11 +90,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    template = gpt_parameters()
-    for p in template:
-        p.grad = torch.randn_like(p) * 1e-2
+    template = gpt_parameters_with_gradients(args.threads)
     count = sum(p.numel() for p in template)
     print(f"{count / 1e6:.1f}M parameters in {len(template)} tensors, {args.threads} threads, "
           f"torch {torch.__version__}")
@@ -104,7 +110,7 @@ def main() -> None:
 
     median = {name: statistics.median(t) for name, t in times.items()}
     foreach, fused = median["torch AdamW foreach"], median["torch AdamW fused"]
-    print(f"\n| optimizer | median step (ms) | vs torch foreach | vs torch fused | state |")
+    print("\n| optimizer | median step (ms) | vs torch foreach | vs torch fused | state |")
     print("|---|---:|---:|---:|---:|")
     for name, optimizer in optimizers.items():
         print(f"| {name} | {median[name] * 1e3:.1f} | {median[name] / foreach:.2f}x | "
