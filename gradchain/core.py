@@ -46,11 +46,15 @@ __all__ = [
     "subset",
     "selected_indices",
     "apply_updates",
+    "stochastic_round_",
     "all_finite",
     "writable",
     "state_dtype",
     "zeros_like_state",
     "resolve",
+    "decay_product",
+    "debiased_decay",
+    "second_moment_decay",
     "hoist",
     "select_state",
     "merge_state",
@@ -95,7 +99,9 @@ class GradientTransformation(NamedTuple):
     ``needs_hvp(state) -> bool``, when given, says whether the next ``update`` from ``state``
     uses the ``hvp`` extra (a callable ``v -> H v`` of the same minibatch loss), so that a
     training loop builds the double-backward graph only on those steps. ``accepts_sparse``
-    transforms take sparse COO gradients.
+    transforms take sparse COO gradients. ``provides`` holds extras that a chain member hands
+    to the members after it in its chain (``palm_beta2`` as a member provides the
+    ``second_moment_decay`` extra).
     """
 
     init: Callable[[Tree], Any]
@@ -105,6 +111,7 @@ class GradientTransformation(NamedTuple):
     elementwise: bool = False
     needs_hvp: Callable[[Any], bool] | None = None
     accepts_sparse: bool = False
+    provides: Mapping[str, Any] | None = None
 
 
 class EmptyState(NamedTuple):
@@ -273,11 +280,14 @@ def writable(updates: Sequence[Tensor], extras: Mapping[str, Any],
 
 
 @torch.no_grad()
-def apply_updates(params: Tree, updates: Tree) -> Tree:
+def apply_updates(params: Tree, updates: Tree, stochastic_rounding: bool = False,
+                  generator: torch.Generator | None = None) -> Tree:
     """``x <- x + u`` for every parameter, in place; returns ``params``.
 
     Updates of another floating dtype (float32 updates of bfloat16 parameters) are added in the
-    wider dtype and rounded once to the parameter dtype.
+    wider dtype and rounded once to the parameter dtype: to nearest by default, or, with
+    ``stochastic_rounding``, stochastically (``stochastic_round_``) for bfloat16 parameters,
+    drawing from ``generator`` (a dedicated one keeps the global random stream untouched).
 
     Example:
         >>> p = [torch.ones(2)]
@@ -286,9 +296,47 @@ def apply_updates(params: Tree, updates: Tree) -> Tree:
     """
     check_structure(updates, params)
     p, u = leaves(params), leaves(updates)
+    if stochastic_rounding:
+        rounded = [x.dtype == torch.bfloat16 for x in p]
+        for x, step, rounds in zip(p, u, rounded):
+            if rounds:
+                stochastic_round_(x, x.float().add_(step), generator)
+        p = [x for x, rounds in zip(p, rounded) if not rounds]
+        u = [step for step, rounds in zip(u, rounded) if not rounds]
     if p:
         torch._foreach_add_(p, u)
     return params
+
+
+@torch.no_grad()
+def stochastic_round_(target: Tensor, source: Tensor,
+                      generator: torch.Generator | None = None) -> Tensor:
+    """Write ``source`` into the bfloat16 ``target``, rounded stochastically; returns ``target``.
+
+    A float32 value s lies between two neighbouring bfloat16 values; it becomes the one away
+    from zero with probability (distance from the one toward zero) / (their spacing), so that
+    :math:`E[\mathrm{round}(s)] = s`. Bit-wise: add a uniform 16-bit integer to the float32
+    bit pattern and clear the low 16 bits (a carry is exactly the step to the next bfloat16).
+    Values already representable, zeros, infinities and NaNs pass through unchanged. Random bits
+    come from ``generator`` (the global generator when None).
+
+    Example:
+        >>> x = torch.empty(4096, dtype=torch.bfloat16)
+        >>> _ = stochastic_round_(x, torch.full((4096,), 1 + 2 ** -10))
+        >>> sorted(set(x.tolist()))  # the two neighbours, 1/8 of the draws rounding up
+        [1.0, 1.0078125]
+    """
+    if target.dtype != torch.bfloat16:
+        raise ValueError(f"stochastic rounding writes bfloat16 tensors, got {target.dtype}")
+    value = source.detach().to(device=target.device, dtype=torch.float32)
+    if value.shape != target.shape:
+        value = value.expand(target.shape)
+    noise = torch.randint(0, 1 << 16, target.shape, device=target.device, dtype=torch.int32,
+                          generator=generator)
+    bits = value.contiguous().view(torch.int32)
+    rounded = (bits + noise).bitwise_and_(-65536).view(torch.float32)
+    target.copy_(torch.where(value.isfinite(), rounded, value))
+    return target
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,6 +386,50 @@ def hoist(value: float) -> float | Tensor:
 def resolve(value: Hyper, count: int) -> float:
     """A hyperparameter's value at step ``count``: ``value(count)`` for a schedule."""
     return value(count) if callable(value) else value
+
+
+def decay_product(decay: Hyper, count: int) -> float:
+    """:math:`P_t = \prod_{j \le t} \beta_j`, t = count + 1: the weight an EMA with this
+    decay still gives its zero initial value after t updates (Adam's bias correction is
+    :math:`1 - P_t`).
+
+    For a number, :math:`\beta^t`. A schedule that knows its exact product says so with a
+    ``product(count)`` method (``palm_beta2``: 0, since its first decay is 0); any other
+    schedule is treated as constant at its current value, :math:`\beta_t^t`.
+
+    Example:
+        >>> decay_product(0.5, 2)
+        0.125
+    """
+    product = getattr(decay, "product", None)
+    if product is not None:
+        return float(product(count))
+    t = count + 1
+    return float(resolve(decay, count)) ** t
+
+
+def debiased_decay(decay: Hyper, count: int) -> float:
+    """The decay of an EMA that stores its bias-corrected value directly (in-place debiasing).
+
+    .. math::  \hat\beta_t = 1 - \frac{1 - \beta_t}{1 - P_t}, \qquad
+               P_t = \prod_{j \le t} \beta_j \;(\texttt{decay\_product})
+
+    Then :math:`\hat m_t = \hat\beta_t \hat m_{t-1} + (1-\hat\beta_t) u_t` equals Adam's
+    :math:`m_t/(1-P_t)` at every step; :math:`\hat\beta_1 = 0`, so the first update ignores
+    whatever the buffer held.
+
+    Example:
+        >>> debiased_decay(0.9, 0), round(debiased_decay(0.9, 1), 6)  # 0.9 * 0.1 / 0.19
+        (0.0, 0.473684)
+    """
+    beta = float(resolve(decay, count))
+    return 1.0 - (1.0 - beta) / (1.0 - decay_product(decay, count))
+
+
+def second_moment_decay(default: Hyper, extras: Mapping[str, Any]) -> Hyper:
+    """The second-moment decay a transform uses: a ``palm_beta2`` (or any schedule) that an
+    earlier member of its chain provides as the ``second_moment_decay`` extra, else its own."""
+    return extras.get("second_moment_decay", default)
 
 
 def _is_namedtuple(x: Any) -> bool:

@@ -86,6 +86,8 @@ def _sequential(members: list[tuple[str, GradientTransformation]], keyed: bool
             updates, member_state = tx.update(updates, state[name if keyed else len(new_states)],
                                               params, **extras)
             new_states.append((name, member_state))
+            if tx.provides:
+                extras = {**extras, **tx.provides}
         return updates, dict(new_states) if keyed else tuple(s for _, s in new_states)
 
     return GradientTransformation(
@@ -113,8 +115,9 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
     .. math::  o = T_n(\\dots T_1(u))
 
-    Every member sees the same ``params`` and extras; the outermost chain adds ``grads`` (the raw
-    gradient as it entered), checks that the updates match the params, and widens 16-bit
+    Every member sees the same ``params`` and extras, plus what earlier members provide (a
+    ``palm_beta2`` member sets the second-moment decay of the members after it); the outermost
+    chain adds ``grads`` (the raw gradient as it entered), checks that the updates match the params, and widens 16-bit
     updates to float32. State: a tuple of the members' states (checkpoint keys ``"0.mu"``, ...;
     use ``named_chain`` for readable keys). A terminal member must be last.
 
@@ -122,10 +125,8 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         >>> from gradchain.transforms import scale_by_adam, scale_by_learning_rate
         >>> tx = chain(scale_by_adam(), scale_by_learning_rate(1e-3))
     """
-    for tx in transforms:
-        if not isinstance(tx, GradientTransformation):
-            raise TypeError(f"chain takes GradientTransformations, got {type(tx).__name__}")
-    return _sequential([(str(i), tx) for i, tx in enumerate(transforms)], keyed=False)
+    members = [_member(tx) for tx in transforms]
+    return _sequential([(str(i), tx) for i, tx in enumerate(members)], keyed=False)
 
 
 def named_chain(*members: tuple[str, GradientTransformation]) -> GradientTransformation:
@@ -139,15 +140,26 @@ def named_chain(*members: tuple[str, GradientTransformation]) -> GradientTransfo
     """
     seen: set[str] = set()
     for member in members:
-        if not (isinstance(member, tuple) and len(member) == 2
-                and isinstance(member[1], GradientTransformation)):
+        if not (isinstance(member, tuple) and len(member) == 2):
             raise TypeError("named_chain takes (name, transform) pairs")
         name = member[0]
         if not isinstance(name, str) or not name or "." in name or name in seen:
             raise ValueError(f"named_chain member names must be unique non-empty strings "
                              f"without '.', got {name!r}")
         seen.add(name)
-    return _sequential(list(members), keyed=True)
+    return _sequential([(name, _member(tx, "named_chain takes (name, transform) pairs"))
+                        for name, tx in members], keyed=True)
+
+
+def _member(member: Any, error: str = "chain takes GradientTransformations") -> \
+        GradientTransformation:
+    """A chain member: a transform, or an object that becomes one (``palm_beta2``)."""
+    if isinstance(member, GradientTransformation):
+        return member
+    as_transform = getattr(member, "as_transform", None)
+    if as_transform is None:
+        raise TypeError(f"{error}, got {type(member).__name__}")
+    return as_transform()
 
 
 def _sub_extras(extras: dict[str, Any], index: list[int]) -> dict[str, Any]:

@@ -144,7 +144,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._built.append(None)
 
     def _hyperparameters(self, group: dict[str, Any], step: int) -> dict[str, Any]:
-        return {argument: resolve(group[key], step) if key in self._schedulable else group[key]
+        return {argument: _value(group[key], step) if key in self._schedulable else group[key]
                 for key, argument in self._arguments.items()}
 
     def _build(self, group: dict[str, Any], step: int) -> GradientTransformation:
@@ -392,6 +392,14 @@ def _rows_of_entry(entry: Any, rows: slice) -> Any:
     if isinstance(entry, (tuple, list)):
         return type(entry)(_rows_of_entry(e, rows) for e in entry)
     return entry
+
+
+def _value(hyperparameter: Any, step: int) -> Any:
+    """A group's hyperparameter at the group's step; a decay schedule that its transform
+    evaluates with its own update count (``palm_beta2``, which has a ``product``) passes as is."""
+    if hasattr(hyperparameter, "product"):
+        return hyperparameter
+    return resolve(hyperparameter, step)
 
 
 def _is_number(value: Any) -> bool:

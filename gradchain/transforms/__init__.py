@@ -12,6 +12,7 @@ from gradchain.transforms.basic import (
 from gradchain.transforms.clipping import clip, clip_by_global_norm
 from gradchain.transforms.curvature import scale_by_abs_hessian_diag
 from gradchain.transforms.momentum import ema, qh_momentum, trace
+from gradchain.transforms.palm import palm_beta2
 from gradchain.transforms.sm3 import scale_by_sm3
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "qh_momentum",
     "scale_by_adam",
     "scale_by_rms",
+    "palm_beta2",
     "scale_by_sm3",
     "scale_by_abs_hessian_diag",
     "clip",

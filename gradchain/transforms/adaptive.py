@@ -15,9 +15,11 @@ from gradchain.core import (
     check_decay,
     check_dense_real,
     check_non_negative,
+    decay_product,
     hoist,
     leaves,
     resolve,
+    second_moment_decay,
     zeros_like_state,
 )
 
@@ -50,7 +52,9 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     :math:`\\beta_1 m_t/(1-\\beta_1^{t+1}) + (1-\\beta_1) u_t/(1-\\beta_1^t)` (NAdam).
     Defaults b1 = 0.9, b2 = 0.999, eps = 1e-8, eps_root = 0. eps is added to
     :math:`\\sqrt{\\hat v}`, as in ``torch.optim.Adam``. State: m and v, one buffer each per
-    parameter (float32 for 16-bit parameters).
+    parameter (float32 for 16-bit parameters). ``b2`` may be a schedule of the step count;
+    the bias correction is then :math:`1 - \prod_j \beta_{2,j}` (``core.decay_product``:
+    none for ``palm_beta2``), and a ``palm_beta2`` earlier in the chain replaces ``b2``.
 
     Example:
         >>> tx = scale_by_adam()
@@ -73,13 +77,14 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
         if not u:
             return updates, state._replace(count=t)
         check_dense_real(u, "scale_by_adam")
-        beta1, beta2 = resolve(b1, state.count), resolve(b2, state.count)
+        decay2 = second_moment_decay(b2, extras)
+        beta1, beta2 = resolve(b1, state.count), resolve(decay2, state.count)
         mu, nu = state.mu, state.nu
         torch._foreach_lerp_(mu, u, 1.0 - beta1)
         torch._foreach_mul_(nu, beta2)
         torch._foreach_addcmul_(nu, u, u, 1.0 - beta2)
-        correction1 = 1.0 - beta1 ** t
-        correction2 = 1.0 - beta2 ** t
+        correction1 = 1.0 - decay_product(b1, state.count)
+        correction2 = 1.0 - decay_product(decay2, state.count)
         if eps_root == 0.0:
             # sqrt(v / c2) + eps, with the 1 / c1 of m-hat folded into the same two passes
             denom = torch._foreach_sqrt(nu)
@@ -127,8 +132,6 @@ def scale_by_rms(decay: Hyper = 0.9, eps: float = 1e-8, initial_scale: float = 0
     check_decay("decay", decay)
     check_non_negative("eps", eps)
     check_non_negative("initial_scale", initial_scale)
-    if bias_correction and callable(decay):
-        raise ValueError("scale_by_rms(bias_correction=True) needs a constant decay")
 
     def init(params: Tree) -> RmsState:
         nu = zeros_like_state(leaves(params))
@@ -142,11 +145,12 @@ def scale_by_rms(decay: Hyper = 0.9, eps: float = 1e-8, initial_scale: float = 0
         if not u:
             return updates, state._replace(count=t)
         check_dense_real(u, "scale_by_rms")
-        beta = resolve(decay, state.count)
+        decay2 = second_moment_decay(decay, extras)
+        beta = resolve(decay2, state.count)
         nu = state.nu
         torch._foreach_mul_(nu, beta)
         torch._foreach_addcmul_(nu, u, u, 1.0 - beta)
-        correction = 1.0 - beta ** t if bias_correction else 1.0
+        correction = 1.0 - decay_product(decay2, state.count) if bias_correction else 1.0
         if eps_in_sqrt:
             denom = torch._foreach_div(nu, hoist(correction))
             torch._foreach_add_(denom, eps)

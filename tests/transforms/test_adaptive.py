@@ -196,12 +196,24 @@ def test_scale_by_adam_rejects_invalid_hyperparameter(kwargs, name):
         scale_by_adam(**kwargs)
 
 
+def test_scale_by_rms_bias_correction_with_a_schedule_uses_its_product():
+    gen = torch.Generator().manual_seed(3)
+    fixed, scheduled = scale_by_rms(0.9, bias_correction=True), \
+        scale_by_rms(lambda count: 0.9, bias_correction=True)
+    params = [torch.zeros(5, dtype=F64)]
+    a, b = fixed.init(params), scheduled.init(params)
+    for _ in range(4):
+        u = torch.randn(5, generator=gen, dtype=F64)
+        (x,), a = fixed.update([u.clone()], a)
+        (y,), b = scheduled.update([u.clone()], b)
+        torch.testing.assert_close(x, y, rtol=1e-15, atol=0)
+
+
 @pytest.mark.parametrize("kwargs, name", [
     (dict(decay=1.0), "decay"), (dict(decay=-0.1), "decay"), (dict(decay=float("nan")), "decay"),
     (dict(decay="0.9"), "decay"), (dict(eps=-1.0), "eps"), (dict(eps=float("nan")), "eps"),
     (dict(initial_scale=-0.5), "initial_scale"), (dict(initial_scale=float("nan")),
                                                   "initial_scale"),
-    (dict(decay=lambda count: 0.9, bias_correction=True), "constant decay"),
 ])
 def test_scale_by_rms_rejects_invalid_hyperparameter(kwargs, name):
     with pytest.raises(ValueError, match=name):
