@@ -311,7 +311,7 @@ def apply_updates(params: Tree, updates: Tree, stochastic_rounding: bool = False
 @torch.no_grad()
 def stochastic_round_(target: Tensor, source: Tensor,
                       generator: torch.Generator | None = None) -> Tensor:
-    """Write ``source`` into the bfloat16 ``target``, rounded stochastically; returns ``target``.
+    r"""Write ``source`` into the bfloat16 ``target``, rounded stochastically; returns ``target``.
 
     A float32 value s lies between two neighbouring bfloat16 values; it becomes the one away
     from zero with probability (distance from the one toward zero) / (their spacing), so that
@@ -389,7 +389,7 @@ def resolve(value: Hyper, count: int) -> float:
 
 
 def decay_product(decay: Hyper, count: int) -> float:
-    """:math:`P_t = \prod_{j \le t} \beta_j`, t = count + 1: the weight an EMA with this
+    r""":math:`P_t = \prod_{j \le t} \beta_j`, t = count + 1: the weight an EMA with this
     decay still gives its zero initial value after t updates (Adam's bias correction is
     :math:`1 - P_t`).
 
@@ -409,7 +409,7 @@ def decay_product(decay: Hyper, count: int) -> float:
 
 
 def debiased_decay(decay: Hyper, count: int) -> float:
-    """The decay of an EMA that stores its bias-corrected value directly (in-place debiasing).
+    r"""The decay of an EMA that stores its bias-corrected value directly (in-place debiasing).
 
     .. math::  \hat\beta_t = 1 - \frac{1 - \beta_t}{1 - P_t}, \qquad
                P_t = \prod_{j \le t} \beta_j \;(\texttt{decay\_product})

@@ -326,3 +326,41 @@ def test_sgdr_matches_torch_at_non_boundary_epochs(t_0, t_mult):
 def test_invalid_arguments_raise_naming_the_parameter(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+# ----------------------------------------------------------------------------------------------
+# precond_schedule (ALGORITHMS.md §5.8, §11 item 17)
+
+PRECOND_TABLE = {  # k: (interval f(k), expected refreshes sum 1/f(j), deterministic count)
+    10: (1.0000508, 9.99988, 9),
+    100: (1.0260123, 99.1626, 99),
+    1000: (2.0, 738.493, 738),
+    10 ** 4: (14.318295, 2168.157, 2168),
+    10 ** 5: (100.22903, 4049.641, 4049),
+    10 ** 6: (513.0, 7245.352, 7245),
+}
+
+
+def test_precond_schedule_reproduces_the_seed_table():
+    """The seed prints 10 for the first total: its rounding of 9.99988; accumulating 1/f and
+    refreshing when the integer part grows gives the truncated counts."""
+    f = schedules.precond_schedule()
+    total, refreshes = 0.0, 0
+    for k in range(1, 10 ** 6 + 1):
+        new = total + 1.0 / f(k)
+        refreshes += math.floor(new) > math.floor(total)
+        total = new
+        if k in PRECOND_TABLE:
+            interval, expected, count = PRECOND_TABLE[k]
+            assert f(k) == pytest.approx(interval, rel=1e-7)
+            assert total == pytest.approx(expected, abs=1e-3)
+            assert refreshes == count
+    assert f"{PRECOND_TABLE[10][1]:.0f}" == "10"
+
+
+def test_precond_schedule_pins_its_parameters_and_validates_them():
+    assert schedules.precond_schedule(1.0, 1.0)(100) == pytest.approx(3.0)
+    assert schedules.precond_schedule()(0) == schedules.precond_schedule()(1) == 1.0
+    for bad in (dict(a=0.0), dict(b=-1.0), dict(a=float("nan"))):
+        with pytest.raises(ValueError):
+            schedules.precond_schedule(**bad)

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from gradchain.core import (
     GradientTransformation,
+    apply_updates,
     flatten_state,
     leaves,
     merge_state,
@@ -70,8 +71,16 @@ class ChainOptimizer(torch.optim.Optimizer):
     with keys from the chain (``"adam.mu"``, ``"step"``), loadable with
     ``torch.load(weights_only=True)``. ``optimizer.state[p]`` shows the same view.
 
+    ``stochastic_rounding=True`` writes bfloat16 parameters with stochastic rounding
+    (``core.stochastic_round_``): the update is computed in float32, added in float32 and
+    rounded once, unbiasedly, drawing from a dedicated generator per device (seeded with
+    ``rounding_seed``, saved in ``state_dict()["rounding"]``), so the global random stream is
+    untouched and a resumed run rounds as the uninterrupted one would. Other dtypes are
+    unaffected.
+
     ``compile=True`` runs each group's update and its application through ``torch.compile``
-    (one fused graph per group); eager mode is the reference. Leafwise chains in eager mode on
+    (one fused graph per group; with stochastic rounding, the rounding runs after it); eager
+    mode is the reference. Leafwise chains in eager mode on
     CPU run over a few parameters at a time while they are hot in cache.
 
     Example:
@@ -82,7 +91,8 @@ class ChainOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Iterable[Any], transform: GradientTransformation | Recipe, *,
-                 compile: bool = False, **hyperparameters: Any) -> None:
+                 compile: bool = False, stochastic_rounding: bool = False, rounding_seed: int = 0,
+                 **hyperparameters: Any) -> None:
         if isinstance(transform, GradientTransformation):
             if hyperparameters:
                 raise ValueError(
@@ -111,6 +121,9 @@ class ChainOptimizer(torch.optim.Optimizer):
             raise TypeError(f"transform must be a GradientTransformation or a recipe, "
                             f"got {type(transform).__name__}")
         self._compile = compile
+        self._stochastic_rounding = bool(stochastic_rounding)
+        self._rounding_seed = int(rounding_seed)
+        self._rounding: dict[str, torch.Generator] = {}
         self._group_states: list[Any] = []
         self._group_steps: list[int] = []
         self._built: list[tuple[Any, GradientTransformation, Callable | None] | None] = []
@@ -162,7 +175,8 @@ class ChainOptimizer(torch.optim.Optimizer):
         if cached is not None and cached[0] == key:
             return cached[1], cached[2]
         tx = self._build(group, step)
-        compiled = torch.compile(_make_step(tx)) if self._compile else None
+        compiled = torch.compile(_make_step(tx, not self._stochastic_rounding)) \
+            if self._compile else None
         self._built[index] = (key, tx, compiled)
         return tx, compiled
 
@@ -234,7 +248,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         if curvature:
             extras["hvp"] = _hvp([names[i] for i in active], [params[i] for i in active])
         pieces = _pieces(params, active, tx) if compiled is None else [(active, None)]
-        run = compiled or _make_step(tx)
+        run = compiled or _make_step(tx, not self._stochastic_rounding)
         before, after = state, state
         for index, rows in pieces:  # every piece starts from the state as it was before the step
             grads = {names[i]: _widen(_block(params[i].grad.detach(), rows)) for i in index}
@@ -242,11 +256,22 @@ class ChainOptimizer(torch.optim.Optimizer):
             whole = select_state(before, index)
             part = run(grads, whole if rows is None else _rows_of(whole, rows), chunk_params,
                        extras)
+            if self._stochastic_rounding:
+                updates, part = part
+                self._apply_rounded(chunk_params, updates)
             if rows is not None:  # elementwise: the state was updated in place through views
                 part = merge_state(whole, part, [])
             after = merge_state(after, part, index)
         self._group_states[group_index] = after
         self._group_steps[group_index] += 1
+
+    def _apply_rounded(self, params: dict[str, Tensor], updates: dict[str, Tensor]) -> None:
+        device = next(iter(params.values())).device
+        generator = self._rounding.get(str(device))
+        if generator is None:
+            generator = torch.Generator(device).manual_seed(self._rounding_seed)
+            self._rounding[str(device)] = generator
+        apply_updates(params, updates, stochastic_rounding=True, generator=generator)
 
     # ------------------------------------------------------------------------------------------
     # State
@@ -285,7 +310,10 @@ class ChainOptimizer(torch.optim.Optimizer):
                                   "params": ids})
             if self._group_states[index] is not None:
                 packed_state.update(zip(ids, self._flat_group(index)))
-        state_dict = {"state": packed_state, "param_groups": packed_groups}
+        state_dict: dict[str, Any] = {"state": packed_state, "param_groups": packed_groups}
+        if self._rounding:
+            state_dict["rounding"] = {device: generator.get_state()
+                                      for device, generator in self._rounding.items()}
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
@@ -300,6 +328,10 @@ class ChainOptimizer(torch.optim.Optimizer):
             if result is not None:
                 state_dict = result
         saved_groups = deepcopy(state_dict["param_groups"])
+        self._rounding = {}
+        for device, generator_state in state_dict.get("rounding", {}).items():
+            self._rounding[device] = torch.Generator(device)
+            self._rounding[device].set_state(generator_state.cpu())
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"the checkpoint has {len(saved_groups)} parameter groups, this "
                              f"optimizer has {len(self.param_groups)}")
@@ -331,10 +363,15 @@ class ChainOptimizer(torch.optim.Optimizer):
         return self._group_states[index]
 
 
-def _make_step(tx: GradientTransformation) -> Callable[..., Any]:
+def _make_step(tx: GradientTransformation, apply: bool = True) -> Callable[..., Any]:
+    """One update of a piece: applies it and returns the state, or, with ``apply=False``,
+    returns ``(updates, state)`` for the caller to apply."""
+
     def step(grads: dict[str, Tensor], state: Any, params: dict[str, Tensor],
              extras: dict[str, Any]) -> Any:
         updates, state = tx.update(grads, state, params, grads=grads, **extras)
+        if not apply:
+            return updates, state
         torch._foreach_add_(leaves(params), leaves(updates))
         return state
 

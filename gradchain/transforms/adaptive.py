@@ -53,7 +53,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     Defaults b1 = 0.9, b2 = 0.999, eps = 1e-8, eps_root = 0. eps is added to
     :math:`\\sqrt{\\hat v}`, as in ``torch.optim.Adam``. State: m and v, one buffer each per
     parameter (float32 for 16-bit parameters). ``b2`` may be a schedule of the step count;
-    the bias correction is then :math:`1 - \prod_j \beta_{2,j}` (``core.decay_product``:
+    the bias correction is then :math:`1 - \\prod_j \\beta_{2,j}` (``core.decay_product``:
     none for ``palm_beta2``), and a ``palm_beta2`` earlier in the chain replaces ``b2``.
 
     Example:
