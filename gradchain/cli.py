@@ -184,10 +184,14 @@ def resolve_runs(names: Sequence[str], lr_overrides: dict[str, float]) -> list[R
     The learning rate is, in order: ``lr_overrides[name]``, the task's tuned default
     (``charlm.DEFAULT_HYPERPARAMETERS``), the optimizer class's own default.
     """
-    from gradchain.optimizers import OPTIMIZERS
+    from gradchain.optimizers import OPTIMIZERS, optimizer_name
     from gradchain.tasks.charlm import DEFAULT_HYPERPARAMETERS
 
-    names = list(dict.fromkeys(name.lower() for name in names))
+    def canonical(name: str) -> str:
+        return optimizer_name(name) or name.lower()
+
+    names = list(dict.fromkeys(canonical(name) for name in names))
+    lr_overrides = {canonical(name): lr for name, lr in lr_overrides.items()}
     available = ", ".join(sorted(OPTIMIZERS))
     for name in [*names, *lr_overrides]:
         if name not in OPTIMIZERS:

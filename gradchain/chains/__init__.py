@@ -11,6 +11,19 @@ from gradchain.chains.combinators import (
     partition,
 )
 from gradchain.chains.esgd import esgd_m
+from gradchain.chains.heavyball import (
+    adamw_inplace,
+    adopt,
+    laprop,
+    palm_sfadamw,
+    palm_soap,
+    precond_schedule_palm_soap,
+    precond_schedule_sf_palm_soap,
+    precond_schedule_soap,
+    sf_palm_soap,
+    sfadamw,
+    soap,
+)
 from gradchain.chains.recipes import adam, adamw, sgd
 from gradchain.chains.sm3 import sm3
 
@@ -28,4 +41,15 @@ __all__ = [
     "adamw",
     "sm3",
     "esgd_m",
+    "adamw_inplace",
+    "laprop",
+    "adopt",
+    "sfadamw",
+    "palm_sfadamw",
+    "soap",
+    "palm_soap",
+    "sf_palm_soap",
+    "precond_schedule_sf_palm_soap",
+    "precond_schedule_palm_soap",
+    "precond_schedule_soap",
 ]

@@ -393,10 +393,18 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, batches: list[Batch]) -> float:
+def _evaluate(model: nn.Module, batches: list[Batch], optimizer: torch.optim.Optimizer) -> float:
+    """Mean loss over ``batches``, at the evaluation parameters of optimizers that keep some
+    (schedule-free optimizers' ``eval()``/``train()``, as HeavyBall's and schedulefree's)."""
     was_training = model.training
     model.eval()
+    swaps = callable(getattr(optimizer, "eval", None)) and callable(getattr(optimizer, "train",
+                                                                            None))
+    if swaps:
+        optimizer.eval()
     loss = sum(lm_loss(model, batch).item() for batch in batches) / len(batches)
+    if swaps:
+        optimizer.train()
     model.train(was_training)
     return loss
 
@@ -458,7 +466,7 @@ def train(
 
     def log_validation(step: int) -> None:
         result.val_steps.append(step)
-        result.val_loss.append(_evaluate(model, val_batches))
+        result.val_loss.append(_evaluate(model, val_batches, optimizer))
         result.val_seconds.append(elapsed)
 
     log_validation(0)
@@ -477,7 +485,7 @@ def train(
             progress(step, config.steps, loss)
 
     result.final_val_loss = result.val_loss[-1]
-    result.final_train_loss = _evaluate(model, train_eval)
+    result.final_train_loss = _evaluate(model, train_eval, optimizer)
     result.ms_per_step = 1e3 * statistics.median(step_times)
     result.ms_per_opt_step = 1e3 * statistics.median(opt_times) if opt_times else float("nan")
     result.state_bytes = state_bytes(optimizer)

@@ -1,4 +1,4 @@
-"""Clipping transforms: element-wise and by the global norm."""
+"""Clipping transforms: element-wise, by the global norm, and adaptive (per parameter)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,15 @@ from gradchain.core import (
     Tree,
     as_tree,
     check_dense_real,
+    check_non_negative,
+    check_number,
     check_positive,
     leaves,
+    state_dtype,
     writable,
 )
 
-__all__ = ["clip", "clip_by_global_norm", "global_norm"]
+__all__ = ["clip", "clip_by_global_norm", "clip_by_agc", "global_norm"]
 
 
 def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -103,3 +106,67 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         return as_tree(updates, out), state
 
     return GradientTransformation(init, update)
+
+
+def _leaf_norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The Frobenius norm of every tensor, a 0-d tensor in its state dtype (16-bit tensors
+    accumulate in and return float32): one ``_foreach_norm`` per dtype, no host sync."""
+    dtypes = [state_dtype(t) for t in tensors]
+    norms: dict[int, torch.Tensor] = {}
+    for dtype in set(dtypes):
+        index = [i for i, d in enumerate(dtypes) if d == dtype]
+        norms.update(zip(index, torch._foreach_norm([tensors[i] for i in index], dtype=dtype)))
+    return [norms[i] for i in range(len(tensors))]
+
+
+def clip_by_agc(clip: float = 0.1, min_param_norm: float = 1e-3, eps: float = 1e-8
+                ) -> GradientTransformation:
+    r"""Adaptive gradient clipping per parameter (HeavyBall's; Brock et al. 2021 clip unit-wise).
+
+    .. math::  o = s\,u, \qquad s = \min\left(1, \frac{c \max(\lVert x \rVert,
+               m)}{\max(\lVert u \rVert, \epsilon)}\right)
+
+    for every parameter x and its update u separately (Frobenius norms), c = ``clip``
+    (default 0.1), m = ``min_param_norm`` (default 1e-3; keeps zero-initialised parameters
+    moving) and eps = 1e-8. An update is rescaled only when its norm exceeds ``clip`` times
+    the parameter's; ``clip <= 0`` disables the transform (identity). Needs ``params``. The
+    factors stay on the device (no host synchronisation); norms of 16-bit tensors accumulate
+    in float32. A non-finite update norm makes that parameter's updates non-finite.
+
+    Example:
+        >>> tx = clip_by_agc(0.1)
+        >>> x, g = [torch.tensor([2.0, 0.0])], [torch.tensor([6.0, 8.0])]
+        >>> tx.update(g, tx.init(x), x)[0]  # s = 0.1 * 2 / 10
+        [tensor([0.1200, 0.1600])]
+    """
+    for name, value in (("clip", clip), ("min_param_norm", min_param_norm), ("eps", eps)):
+        if callable(value):
+            raise ValueError(f"{name} must be a number; wrap clip_by_agc in inject_hyperparams "
+                             "to schedule it")
+    check_number("clip", clip)
+    check_non_negative("min_param_norm", min_param_norm)
+    check_non_negative("eps", eps)
+
+    def init(params: Tree) -> EmptyState:
+        return EmptyState()
+
+    def update(updates: Tree, state: EmptyState, params: Tree | None = None, **extras: Any):
+        u = leaves(updates)
+        if not u or clip <= 0:
+            return updates, state
+        check_dense_real(u, "clip_by_agc")
+        if params is None:
+            raise ValueError("clip_by_agc needs the parameters: call update(updates, state, "
+                             "params)")
+        factors = _leaf_norms(leaves(params))
+        torch._foreach_maximum_(factors, min_param_norm)
+        torch._foreach_mul_(factors, clip)
+        update_norms = _leaf_norms(u)
+        torch._foreach_maximum_(update_norms, eps)
+        factors = torch._foreach_div(factors, update_norms)
+        torch._foreach_clamp_max_(factors, 1.0)
+        out = writable(u, extras)
+        torch._foreach_mul_(out, factors)
+        return as_tree(updates, out), state
+
+    return GradientTransformation(init, update, leafwise=True)

@@ -1,0 +1,449 @@
+r"""SOAP: Adam in the eigenbasis of Shampoo's preconditioner (ALGORITHMS.md §5).
+
+Vyas et al., "SOAP: Improving and Stabilizing Shampoo using Adam" (2024), with HeavyBall's
+defaults and in-place debiasing. A leaf of rank r (after merging small axes, ``merged_shape``)
+keeps, for every axis a with :math:`1 < d_a \le` ``max_precond_dim``, an EMA :math:`L_a` of the
+mode-a Gram matrix of the gradient and an orthogonal basis :math:`Q_a` of its (estimated)
+eigenvectors. The projection and its inverse are
+
+.. math::
+    P(X) = X \times_0 Q_0 \cdots \times_{r-1} Q_{r-1}, \qquad
+    P^{-1}(Y) = Y \times_0 Q_0^\top \cdots \times_{r-1} Q_{r-1}^\top
+
+(:math:`Q_0^\top X Q_1` and :math:`Q_0 Y Q_1^\top` for a matrix; the identity on the other
+axes), and Adam runs on :math:`P(G)`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from gradchain.core import (
+    GradientTransformation,
+    Hyper,
+    Tree,
+    all_finite,
+    as_tree,
+    check_choice,
+    check_decay,
+    check_dense_real,
+    check_non_negative,
+    debiased_decay,
+    decay_product,
+    leaves,
+    resolve,
+    second_moment_decay,
+    state_dtype,
+)
+
+__all__ = ["SoapState", "soap_precondition", "merged_shape", "refresh_due"]
+
+#: Per leaf, one entry per (merged) axis: a matrix for a preconditioned axis, else ``None``.
+Matrices = tuple[Optional[Tensor], ...]
+Frequency = int | Callable[[int], float]
+
+
+class SoapState(NamedTuple):
+    """State of ``soap_precondition``.
+
+    ``count``: calls so far that were not skipped (the first one only initialises).
+    ``refresh_accumulator``: :math:`\\sum_j 1/f(j)` for a refresh schedule (0 for a constant
+    frequency). Per parameter, in its merged shape (``merged_shape``): ``mu``, the first moment
+    in the rotated basis (``None`` when ``b1 == 0``), and ``nu``, the second moment in the
+    rotated basis; ``gram`` and ``basis``, one entry per merged axis: the Gram EMA
+    :math:`L_a` and the basis :math:`Q_a` (both :math:`d_a \\times d_a`), or ``None`` for an axis
+    that is not preconditioned. Checkpoint keys: ``"mu"``, ``"nu"``, ``"gram.1"``,
+    ``"basis.0"``, ...
+    """
+
+    count: int
+    refresh_accumulator: float
+    mu: list[Optional[Tensor]]
+    nu: list[Tensor]
+    gram: list[Matrices]
+    basis: list[Matrices]
+
+
+# ----------------------------------------------------------------------------------------------
+# Axis plan
+
+
+def _group_sizes(sizes: Sequence[int], limit: int) -> list[int]:
+    """Products of runs of consecutive sizes: a run grows while its product stays <= limit;
+    a size that exceeds the limit on its own is a run of one."""
+    groups, product = [], 1
+    for size in sizes:
+        if product * size > limit:
+            if product > 1:
+                groups.append(product)
+                product = size
+            else:
+                groups.append(size)
+        else:
+            product *= size
+    if product > 1:
+        groups.append(product)
+    return groups
+
+
+def merged_shape(shape: Sequence[int], max_precond_dim: int, rule: str = "heavyball"
+                 ) -> tuple[int, ...]:
+    r"""The shape a leaf is viewed as before preconditioning (``merge_dims``, §5.4).
+
+    ``"heavyball"`` (HeavyBall's fixed rule): axis 0 (fan-out) stays; the other axes are
+    grouped from the last to the second, a group growing while its product is
+    :math:`\le` ``max_precond_dim`` (strict ">" closes it); size-1 axes disappear.
+    ``"original"`` (original SOAP): the same grouping over all axes from the first, axis 0
+    included. Shapes of rank < 2 or with a zero size are returned unchanged.
+
+    Example:
+        >>> merged_shape((128, 64, 3, 3), 2048), merged_shape((10, 20, 30, 40), 2048)
+        ((128, 576), (10, 20, 1200))
+        >>> merged_shape((128, 64, 3, 3), 10000, rule="original")
+        (8192, 9)
+    """
+    check_choice("rule", rule, _MERGE_RULES)
+    shape = tuple(int(d) for d in shape)
+    if len(shape) < 2 or 0 in shape:
+        return shape
+    if rule == "original":
+        return tuple(_group_sizes(shape, max_precond_dim)) or (1,)
+    return (shape[0], *reversed(_group_sizes(shape[:0:-1], max_precond_dim)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _axis_plan(shape: tuple[int, ...], max_precond_dim: int, merge_dims: bool, rule: str,
+               precondition_1d: bool) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+    """(merged shape, whether each of its axes is preconditioned) for a parameter shape."""
+    if math.prod(shape) == 0 or (len(shape) == 1 and not precondition_1d):
+        return shape, (False,) * len(shape)
+    if merge_dims:
+        shape = merged_shape(shape, max_precond_dim, rule)
+    return shape, tuple(1 < d <= max_precond_dim for d in shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Refresh schedule
+
+
+def refresh_due(frequency: Frequency, k: int, accumulator: float) -> tuple[bool, float]:
+    r"""Whether the bases are refreshed after the k-th real update (k >= 1), and the new
+    accumulator (§5.7 step 8).
+
+    A constant frequency f refreshes iff :math:`k \bmod f = 0` (integer arithmetic; the
+    accumulator is returned unchanged). A callable interval f(k) (such as
+    ``schedules.precond_schedule()``) adds :math:`1/f(k)` to the accumulator A and refreshes iff
+    :math:`\lfloor A + 1/f(k) \rfloor > \lfloor A \rfloor`: after k updates there have been
+    exactly :math:`\lfloor \sum_{j \le k} 1/f(j) \rfloor` refreshes, deterministically.
+
+    Example:
+        >>> [refresh_due(3, k, 0.0)[0] for k in range(1, 7)]
+        [False, False, True, False, False, True]
+        >>> refresh_due(lambda k: 2.0, 1, 0.0), refresh_due(lambda k: 2.0, 2, 0.5)
+        ((False, 0.5), (True, 1.0))
+    """
+    if callable(frequency):
+        updated = accumulator + 1.0 / frequency(k)
+        return math.floor(updated) > math.floor(accumulator), updated
+    return k % frequency == 0, accumulator
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear algebra of one leaf
+
+
+def _project(x: Tensor, basis: Matrices, back: bool = False) -> Tensor:
+    """:math:`P(X)`, or :math:`P^{-1}(X)` with ``back``: mode products with :math:`Q_a`
+    (:math:`Q_a^\\top`) on the preconditioned axes. Matrices use two plain matmuls; other ranks
+    contract axis 0 at a time, which cycles the axes back into place."""
+    if x.dim() == 2:
+        left, right = basis
+        if left is not None:
+            x = torch.mm(left if back else left.T, x)
+        if right is not None:
+            x = torch.mm(x, right.T if back else right)
+        return x
+    for q in basis:
+        x = x.movedim(0, -1) if q is None else torch.tensordot(x, q, ([0], [1 if back else 0]))
+    return x
+
+
+def _accumulate_grams(g: Tensor, grams: Matrices, beta: float) -> None:
+    """:math:`L_a \\leftarrow \\beta L_a + (1-\\beta)\\,\\mathrm{Gram}_a(G)` in place, where
+    :math:`\\mathrm{Gram}_a(G)` contracts G with itself over every axis but a (exact for
+    :math:`\\beta = 0`)."""
+    for axis, gram in enumerate(grams):
+        if gram is None:
+            continue
+        if g.dim() == 2:
+            mat = g if axis == 0 else g.T
+            gram.addmm_(mat, mat.T, beta=beta, alpha=1.0 - beta)
+        else:
+            others = [a for a in range(g.dim()) if a != axis]
+            gram.mul_(beta).add_(torch.tensordot(g, g, (others, others)), alpha=1.0 - beta)
+
+
+def _eigenbasis(gram: Tensor) -> Tensor | None:
+    """Eigenvectors of the symmetric ``gram``, columns by descending eigenvalue, in its dtype.
+
+    Retried in float64 (then on the CPU) when ``torch.linalg.eigh`` fails or returns non-finite
+    values; ``None`` when every attempt does."""
+    attempts = [gram]
+    if gram.dtype != torch.float64:
+        attempts.append(gram.double())
+    if gram.device.type != "cpu":
+        attempts.append(gram.double().cpu())
+    for matrix in attempts:
+        try:
+            vectors = torch.linalg.eigh(matrix).eigenvectors
+        except torch.linalg.LinAlgError:
+            continue
+        if bool(vectors.isfinite().all()):
+            return vectors.flip(-1).to(gram)
+    return None
+
+
+def _refresh(grams: Matrices, basis: Matrices, nu: Tensor, mu: Tensor | None) -> None:
+    """One power-iteration step and a QR per preconditioned axis, in place (§5.7 step 9).
+
+    The columns of :math:`Q_a` are first sorted by the estimated eigenvalues
+    :math:`\\mathrm{diag}(Q_a^\\top L_a Q_a)` (column-wise), descending, and ``nu`` is permuted
+    along axis a by the same order; then :math:`Q_a \\leftarrow \\mathrm{QR}(L_a Q_a).Q`.
+    ``mu`` lives in the rotated basis: it moves to the new one,
+    :math:`m \\leftarrow P_{new}(P_{old}^{-1}(m)) = m \\times_a Q_{a,old}^\\top Q_{a,new}`."""
+    rotations: list[Tensor | None] = []
+    for axis, (gram, q) in enumerate(zip(grams, basis)):
+        if gram is None or q is None:
+            rotations.append(None)
+            continue
+        power = gram @ q
+        order = torch.argsort((q * power).sum(0), descending=True)
+        nu.copy_(nu.index_select(axis, order))
+        fresh = torch.linalg.qr(power[:, order]).Q
+        if mu is not None:
+            rotations.append(q.T @ fresh)
+        q.copy_(fresh)
+    if mu is not None:
+        mu.copy_(_project(mu, tuple(rotations)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The transform
+
+_EPS_MODES = ("max", "add")
+_DEBIAS = ("inplace", "adam")
+_MERGE_RULES = ("heavyball", "original")
+
+
+def _check_frequency(frequency: Any) -> None:
+    if callable(frequency):
+        return
+    if isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1:
+        raise ValueError("precondition_frequency must be an integer >= 1 or a callable "
+                         f"interval k -> f(k) (e.g. schedules.precond_schedule()), got "
+                         f"{frequency!r}")
+
+
+def _check_max_precond_dim(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"max_precond_dim must be an integer >= 1, got {value!r}")
+
+
+def soap_precondition(b1: Hyper = 0.9, b2: Hyper = 0.95, shampoo_beta: Hyper | None = None,
+                      eps: float = 1e-8, eps_mode: str = "max", debias: str = "inplace",
+                      precondition_frequency: Frequency = 2, max_precond_dim: int = 2048,
+                      merge_dims: bool = True, merge_rule: str = "heavyball",
+                      precondition_1d: bool = False, normalize_grads: bool = False,
+                      strict: bool = False) -> GradientTransformation:
+    r"""SOAP's preconditioner: Adam in the eigenbasis of Shampoo's (ALGORITHMS.md §5).
+
+    The first call only initialises: :math:`L_a = \mathrm{Gram}_a(G)` and :math:`Q_a` =
+    its eigenvectors by descending eigenvalue; it outputs exact zeros (the current gradient is
+    never used inside the projection applied to it). At the k-th real update (k = 1, 2, ...),
+    with the projection P of the current bases (module docstring):
+
+    .. math::
+        G' = P(G_k), \quad
+        m \leftarrow \hat\beta_1 m + (1-\hat\beta_1)\, G', \quad
+        v \leftarrow \hat\beta_2 v + (1-\hat\beta_2)\, G'^2, \quad
+        o = P^{-1}\Bigl(\frac{m}{\max(\sqrt v, \epsilon)}\Bigr), \\
+        L_a \leftarrow \beta_s L_a + (1-\beta_s)\,\mathrm{Gram}_a(G_k)
+
+    with the in-place debiased decays :math:`\hat\beta_i = 1 - (1-\beta_i)/(1-P_{i,k})`
+    (``core.debiased_decay``; :math:`P_{i,k} = \beta_i^k`, or 0 for ``palm_beta2``), so that m
+    and v are Adam's bias-corrected moments (HeavyBall). Every ``precondition_frequency``
+    updates (or on a schedule, ``refresh_due``) the bases are refreshed: the columns of
+    :math:`Q_a` are sorted by :math:`\mathrm{diag}(Q_a^\top L_a Q_a)`, descending, v is
+    permuted along axis a alike, and :math:`Q_a \leftarrow \mathrm{QR}(L_a Q_a).Q`.
+
+    m is kept in the rotated basis (the original SOAP's later form): a step costs two
+    projections (G forward, the update back) and the Gram update; a refresh also moves m into
+    the new basis. Cost per step :math:`O(n \sum_a d_a)` for n entries, per refresh
+    :math:`O(\sum_a d_a^3)`; memory :math:`2n + 2\sum_a d_a^2` (n less when ``b1 = 0``, which
+    keeps no first moment and divides :math:`G'` itself).
+
+    Variants: ``debias="adam"`` (original SOAP) keeps raw EMAs with :math:`\beta_i` and scales
+    the output by :math:`\sqrt{1-P_{2,k}}/(1-P_{1,k})`; ``eps_mode="add"`` divides by
+    :math:`\sqrt v + \epsilon` (the original is ``debias="adam", eps_mode="add"``).
+    ``normalize_grads`` divides each leaf's output by :math:`10^{-30}` + its RMS.
+
+    Axes (§5.4): rank-0 and rank-1 leaves are plain Adam (no rotation; with
+    ``precondition_1d`` a vector of size <= ``max_precond_dim`` is rotated); larger ranks are
+    viewed as ``merged_shape(shape, max_precond_dim, merge_rule)`` when ``merge_dims``, and an
+    axis is rotated iff :math:`1 < d_a \le` ``max_precond_dim`` (a 50000 x 768 embedding only on
+    its 768 side: no matrix larger than that is ever allocated).
+
+    Args:
+        b1: first-moment decay (0.9), a number or a schedule of the 0-based count of real
+            updates; 0 keeps no first moment.
+        b2: second-moment decay (0.95), a number or a schedule (``palm_beta2``); a
+            ``palm_beta2`` earlier in the chain replaces it.
+        shampoo_beta: Gram EMA decay :math:`\beta_s`; ``None`` (default) uses the step's
+            second-moment decay (:math:`\hat\beta_2`, or the raw :math:`\beta_2` with
+            ``debias="adam"``).
+        eps: 1e-8. eps_mode: ``"max"`` (default) or ``"add"``. debias: ``"inplace"`` (default)
+            or ``"adam"``.
+        precondition_frequency: refresh every f real updates (2), or a callable interval
+            f(k) of the 1-based update index (``schedules.precond_schedule()``).
+        max_precond_dim: largest preconditioned axis (2048). merge_dims: True.
+        merge_rule: ``"heavyball"`` (default) or ``"original"``. precondition_1d: False.
+        normalize_grads: False.
+        strict: raise ``FloatingPointError`` on a non-finite gradient instead of skipping the
+            step with a ``RuntimeWarning`` (a skipped step outputs zeros and leaves the state
+            untouched).
+
+    State dtype: float32 for 16-bit parameters, else the parameter's; Grams, bases,
+    eigendecompositions and QR run in it. If ``torch.linalg.eigh`` fails it is retried in
+    float64 (then on the CPU); if that fails too the basis stays the identity, with a warning.
+    Put this transform first in its chain (after clipping only): its input feeds the Grams.
+
+    Example:
+        >>> tx = soap_precondition()
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> state = tx.init([torch.zeros(4, 3)])
+        >>> out, state = tx.update([torch.randn(4, 3, generator=gen)], state)
+        >>> out[0].abs().max().item()  # the first call only initialises
+        0.0
+        >>> out, state = tx.update([torch.randn(4, 3, generator=gen)], state)
+        >>> round(out[0].norm().item() ** 2, 4)  # P^-1(sign(P(G))): squared norm = numel
+        12.0
+        >>> [tuple(q.shape) for q in state.basis[0]]
+        [(4, 4), (3, 3)]
+    """
+    check_decay("b1", b1)
+    check_decay("b2", b2)
+    if shampoo_beta is not None:
+        check_decay("shampoo_beta", shampoo_beta)
+    check_non_negative("eps", eps)
+    check_choice("eps_mode", eps_mode, _EPS_MODES)
+    check_choice("debias", debias, _DEBIAS)
+    _check_frequency(precondition_frequency)
+    _check_max_precond_dim(max_precond_dim)
+    check_choice("merge_rule", merge_rule, _MERGE_RULES)
+    momentum = callable(b1) or float(b1) != 0.0
+
+    def leaf_state(p: Tensor) -> tuple[Tensor | None, Tensor, Matrices, Matrices]:
+        shape, axes = _axis_plan(tuple(p.shape), max_precond_dim, merge_dims, merge_rule,
+                                 precondition_1d)
+        options = dict(dtype=state_dtype(p), device=p.device)
+        grams = tuple(torch.zeros(d, d, **options) if on else None for d, on in zip(shape, axes))
+        basis = tuple(torch.eye(d, **options) if on else None for d, on in zip(shape, axes))
+        mu = torch.zeros(shape, **options) if momentum else None
+        return mu, torch.zeros(shape, **options), grams, basis
+
+    def init(params: Tree) -> SoapState:
+        per_leaf = [leaf_state(p) for p in leaves(params)]
+        mu, nu, gram, basis = (list(field) for field in zip(*per_leaf)) if per_leaf else \
+            ([], [], [], [])
+        return SoapState(0, 0.0, mu, nu, gram, basis)
+
+    def initialise(u: list[Tensor], state: SoapState) -> None:
+        """The first call: exact Grams and their eigenbases."""
+        for g, nu, grams, basis in zip(u, state.nu, state.gram, state.basis):
+            g = g.reshape(nu.shape).to(nu.dtype)
+            _accumulate_grams(g, grams, 0.0)
+            for gram, q in zip(grams, basis):
+                if gram is None or q is None:
+                    continue
+                vectors = _eigenbasis(gram)
+                if vectors is None:
+                    warnings.warn("soap_precondition: torch.linalg.eigh failed (also in float64); "
+                                  "keeping the identity basis until the next refresh",
+                                  RuntimeWarning, stacklevel=3)
+                else:
+                    q.copy_(vectors)
+
+    def step(u: list[Tensor], state: SoapState, decay2: Hyper, k: int) -> list[Tensor]:
+        """The k-th real update: outputs, with moments and Grams updated in place."""
+        count = k - 1
+        if debias == "inplace":
+            beta1, beta2 = debiased_decay(b1, count), debiased_decay(decay2, count)
+            scale = 1.0
+        else:
+            beta1, beta2 = resolve(b1, count), resolve(decay2, count)
+            scale = math.sqrt(1.0 - decay_product(decay2, count)) / \
+                (1.0 - decay_product(b1, count))
+        flat = [g.reshape(nu.shape).to(nu.dtype) for g, nu in zip(u, state.nu)]
+        rotated = [_project(g, basis) if any(q is not None for q in basis) else g
+                   for g, basis in zip(flat, state.basis)]
+        mu, nu = state.mu, state.nu
+        if momentum:
+            torch._foreach_lerp_(mu, rotated, 1.0 - beta1)
+        torch._foreach_mul_(nu, beta2)
+        torch._foreach_addcmul_(nu, rotated, rotated, 1.0 - beta2)
+        den = torch._foreach_sqrt(nu)
+        if eps_mode == "max":
+            torch._foreach_clamp_min_(den, eps)
+        else:
+            torch._foreach_add_(den, eps)
+        if scale != 1.0:
+            torch._foreach_div_(den, scale)
+        directions = torch._foreach_div(mu if momentum else rotated, den)
+        out = []
+        for g, n, basis in zip(u, directions, state.basis):
+            if any(q is not None for q in basis):
+                n = _project(n, basis, back=True)
+            if normalize_grads and n.numel():
+                n = n.div_(torch.linalg.vector_norm(n) / math.sqrt(n.numel()) + 1e-30)
+            out.append(n.reshape(g.shape))
+        shampoo = beta2 if shampoo_beta is None else resolve(shampoo_beta, count)
+        for g, grams in zip(flat, state.gram):
+            _accumulate_grams(g, grams, shampoo)
+        return out
+
+    def update(updates: Tree, state: SoapState, params: Tree | None = None, **extras: Any):
+        u = leaves(updates)
+        check_dense_real(u, "soap_precondition")
+        if len(u) != len(state.nu):
+            raise ValueError(f"soap_precondition has state for {len(state.nu)} parameters, got "
+                             f"{len(u)} updates")
+        if not all_finite(u):
+            if strict:
+                raise FloatingPointError("soap_precondition: non-finite gradient")
+            warnings.warn("soap_precondition: non-finite gradient, step skipped", RuntimeWarning,
+                          stacklevel=2)
+            return as_tree(updates, _zeros(u, state)), state
+        k = state.count
+        if k == 0:
+            initialise(u, state)
+            return as_tree(updates, _zeros(u, state)), state._replace(count=1)
+        due, accumulator = refresh_due(precondition_frequency, k, state.refresh_accumulator)
+        out = step(u, state, second_moment_decay(b2, extras), k) if u else []
+        if due:
+            for grams, basis, nu, mu in zip(state.gram, state.basis, state.nu, state.mu):
+                _refresh(grams, basis, nu, mu)
+        return as_tree(updates, out), state._replace(count=k + 1, refresh_accumulator=accumulator)
+
+    return GradientTransformation(init, update)
+
+
+def _zeros(u: list[Tensor], state: SoapState) -> list[Tensor]:
+    """Exact zero outputs, in the state dtype."""
+    return [torch.zeros(g.shape, dtype=nu.dtype, device=g.device) for g, nu in zip(u, state.nu)]
