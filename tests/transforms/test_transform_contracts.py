@@ -16,9 +16,11 @@ import pytest
 import torch
 
 from gradchain.core import EmptyState
-from gradchain.transforms import (add_decayed_weights, clip, clip_by_global_norm, ema, identity,
-                                  scale, scale_by_adam, scale_by_learning_rate, scale_by_rms,
-                                  scale_by_schedule, scale_by_sign, trace)
+from gradchain.transforms import (add_decayed_weights, clip, clip_by_agc, clip_by_global_norm,
+                                  ema, identity, scale, scale_by_adam, scale_by_adam_inplace,
+                                  scale_by_adopt, scale_by_laprop, scale_by_learning_rate,
+                                  scale_by_rms, scale_by_rms_inplace, scale_by_schedule,
+                                  scale_by_sign, soap_precondition, trace)
 
 # id -> (factory, name the error messages must carry)
 FACTORIES = {
@@ -46,9 +48,17 @@ FACTORIES = {
                                                   bias_correction=True), "scale_by_rms"),
     "clip": (lambda: clip(0.5), "clip"),
     "clip_by_global_norm": (lambda: clip_by_global_norm(1.0), "clip_by_global_norm"),
+    "clip_by_agc": (lambda: clip_by_agc(0.1), "clip_by_agc"),
+    "scale_by_adam_inplace": (scale_by_adam_inplace, "scale_by_adam_inplace"),
+    "scale_by_rms_inplace": (scale_by_rms_inplace, "scale_by_rms_inplace"),
+    "scale_by_laprop": (scale_by_laprop, "scale_by_laprop"),
+    "scale_by_adopt": (scale_by_adopt, "scale_by_adopt"),
+    "scale_by_adopt_paper": (lambda: scale_by_adopt(style="paper"), "scale_by_adopt"),
+    "soap_precondition": (lambda: soap_precondition(precondition_frequency=1),
+                          "soap_precondition"),
 }
 ALL = list(FACTORIES)
-NOT_LEAFWISE = {"clip_by_global_norm"}
+NOT_LEAFWISE = {"clip_by_global_norm", "soap_precondition"}
 LEAFWISE = [k for k in ALL if k not in NOT_LEAFWISE]
 
 # first-call output of the linear transforms, u -> o (x: the parameters)
