@@ -175,7 +175,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         if cached is not None and cached[0] == key:
             return cached[1], cached[2]
         tx = self._build(group, step)
-        compiled = torch.compile(_make_step(tx, not self._stochastic_rounding)) \
+        compiled = torch.compile(_make_step(tx, not self._rounds(group))) \
             if self._compile else None
         self._built[index] = (key, tx, compiled)
         return tx, compiled
@@ -248,7 +248,8 @@ class ChainOptimizer(torch.optim.Optimizer):
         if curvature:
             extras["hvp"] = _hvp([names[i] for i in active], [params[i] for i in active])
         pieces = _pieces(params, active, tx) if compiled is None else [(active, None)]
-        run = compiled or _make_step(tx, not self._stochastic_rounding)
+        rounding = self._rounds(group)
+        run = compiled or _make_step(tx, not rounding)
         before, after = state, state
         for index, rows in pieces:  # every piece starts from the state as it was before the step
             grads = {names[i]: _widen(_block(params[i].grad.detach(), rows)) for i in index}
@@ -256,7 +257,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             whole = select_state(before, index)
             part = run(grads, whole if rows is None else _rows_of(whole, rows), chunk_params,
                        extras)
-            if self._stochastic_rounding:
+            if rounding:
                 updates, part = part
                 self._apply_rounded(chunk_params, updates)
             if rows is not None:  # elementwise: the state was updated in place through views
@@ -264,6 +265,11 @@ class ChainOptimizer(torch.optim.Optimizer):
             after = merge_state(after, part, index)
         self._group_states[group_index] = after
         self._group_steps[group_index] += 1
+
+    def _rounds(self, group: dict[str, Any]) -> bool:
+        """Whether the group's step ends with stochastic rounding (bfloat16 parameters)."""
+        return self._stochastic_rounding and any(p.dtype == torch.bfloat16
+                                                 for p in group["params"])
 
     def _apply_rounded(self, params: dict[str, Tensor], updates: dict[str, Tensor]) -> None:
         device = next(iter(params.values())).device
