@@ -20,7 +20,7 @@ import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -46,7 +46,7 @@ from gradchain.core import (
 __all__ = ["SoapState", "soap_precondition", "merged_shape", "refresh_due"]
 
 #: Per leaf, one entry per (merged) axis: a matrix for a preconditioned axis, else ``None``.
-Matrices = tuple[Optional[Tensor], ...]
+Matrices = tuple[Tensor | None, ...]
 Frequency = int | Callable[[int], float]
 
 
@@ -65,7 +65,7 @@ class SoapState(NamedTuple):
 
     count: int
     refresh_accumulator: float
-    mu: list[Optional[Tensor]]
+    mu: list[Tensor | None]
     nu: list[Tensor]
     gram: list[Matrices]
     basis: list[Matrices]
@@ -216,22 +216,31 @@ def _refresh(grams: Matrices, basis: Matrices, nu: Tensor, mu: Tensor | None) ->
     The columns of :math:`Q_a` are first sorted by the estimated eigenvalues
     :math:`\\mathrm{diag}(Q_a^\\top L_a Q_a)` (column-wise), descending, and ``nu`` is permuted
     along axis a by the same order; then :math:`Q_a \\leftarrow \\mathrm{QR}(L_a Q_a).Q`.
-    ``mu`` lives in the rotated basis: it moves to the new one,
-    :math:`m \\leftarrow P_{new}(P_{old}^{-1}(m)) = m \\times_a Q_{a,old}^\\top Q_{a,new}`."""
-    rotations: list[Tensor | None] = []
+
+    ``mu`` lives in the rotated basis and moves to the new one,
+    :math:`m \\leftarrow P_{new}(P_{old}^{-1}(m))`. Per axis that is
+    :math:`m \\times_a Q_{a,old}^\\top \\times_a Q_{a,new}`, or one product with
+    :math:`R_a = Q_{a,old}^\\top Q_{a,new}`, cheaper when :math:`d_a^2 <` numel
+    (:math:`2d_a^3` for R against :math:`2\\,\\mathrm{numel}\\,d_a` for the extra product)."""
+    if not _rotates(basis):
+        return
+    fresh: list[Tensor | None] = []
     for axis, (gram, q) in enumerate(zip(grams, basis)):
         if gram is None or q is None:
-            rotations.append(None)
+            fresh.append(None)
             continue
         power = gram @ q
         order = torch.argsort((q * power).sum(0), descending=True)
         nu.copy_(nu.index_select(axis, order))
-        fresh = torch.linalg.qr(power[:, order]).Q
-        if mu is not None:
-            rotations.append(q.T @ fresh)
-        q.copy_(fresh)
+        fresh.append(torch.linalg.qr(power[:, order]).Q)
     if mu is not None:
-        mu.copy_(_project(mu, tuple(rotations)))
+        one_product = [q is not None and q.shape[0] ** 2 < mu.numel() for q in basis]
+        old = tuple(None if r else q for q, r in zip(basis, one_product))
+        new = tuple(q.T @ f if r else f for q, f, r in zip(basis, fresh, one_product))
+        mu.copy_(_project(_project(mu, old, back=True), new))
+    for q, f in zip(basis, fresh):
+        if q is not None and f is not None:
+            q.copy_(f)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,7 +266,7 @@ def _check_max_precond_dim(value: Any) -> None:
 
 
 def soap_precondition(b1: Hyper = 0.9, b2: Hyper = 0.95, shampoo_beta: Hyper | None = None,
-                      eps: float = 1e-8, eps_mode: str = "max", debias: str = "inplace",
+                      eps: Hyper = 1e-8, eps_mode: str = "max", debias: str = "inplace",
                       precondition_frequency: Frequency = 2, max_precond_dim: int = 2048,
                       merge_dims: bool = True, merge_rule: str = "heavyball",
                       precondition_1d: bool = False, normalize_grads: bool = False,
@@ -301,23 +310,27 @@ def soap_precondition(b1: Hyper = 0.9, b2: Hyper = 0.95, shampoo_beta: Hyper | N
     its 768 side: no matrix larger than that is ever allocated).
 
     Args:
-        b1: first-moment decay (0.9), a number or a schedule of the 0-based count of real
-            updates; 0 keeps no first moment.
-        b2: second-moment decay (0.95), a number or a schedule (``palm_beta2``); a
+        b1: first-moment decay, default 0.9; a number or a schedule of the 0-based count of
+            real updates. 0 keeps no first moment.
+        b2: second-moment decay, default 0.95; a number or a schedule (``palm_beta2``). A
             ``palm_beta2`` earlier in the chain replaces it.
-        shampoo_beta: Gram EMA decay :math:`\beta_s`; ``None`` (default) uses the step's
-            second-moment decay (:math:`\hat\beta_2`, or the raw :math:`\beta_2` with
-            ``debias="adam"``).
-        eps: 1e-8. eps_mode: ``"max"`` (default) or ``"add"``. debias: ``"inplace"`` (default)
-            or ``"adam"``.
-        precondition_frequency: refresh every f real updates (2), or a callable interval
-            f(k) of the 1-based update index (``schedules.precond_schedule()``).
-        max_precond_dim: largest preconditioned axis (2048). merge_dims: True.
-        merge_rule: ``"heavyball"`` (default) or ``"original"``. precondition_1d: False.
-        normalize_grads: False.
+        shampoo_beta: Gram EMA decay :math:`\beta_s` (a number or a schedule); ``None``
+            (default) uses the step's second-moment decay (:math:`\hat\beta_2`, or the raw
+            :math:`\beta_2` with ``debias="adam"``).
+        eps: the floor (``"max"``) or the addend (``"add"``) of :math:`\sqrt v`, default 1e-8
+            (a number or a schedule).
+        eps_mode: ``"max"`` (default, HeavyBall) or ``"add"`` (original SOAP).
+        debias: ``"inplace"`` (default, HeavyBall) or ``"adam"`` (original SOAP).
+        precondition_frequency: refresh every f real updates (default 2), or a callable
+            interval f(k) of the 1-based update index (``schedules.precond_schedule()``).
+        max_precond_dim: the largest axis that is preconditioned, default 2048.
+        merge_dims: view a leaf of rank >= 2 as its ``merged_shape`` (default True).
+        merge_rule: ``"heavyball"`` (default) or ``"original"``, see ``merged_shape``.
+        precondition_1d: rotate vectors too (default False).
+        normalize_grads: scale each leaf's output to unit RMS (default False).
         strict: raise ``FloatingPointError`` on a non-finite gradient instead of skipping the
             step with a ``RuntimeWarning`` (a skipped step outputs zeros and leaves the state
-            untouched).
+            untouched, its count included).
 
     State dtype: float32 for 16-bit parameters, else the parameter's; Grams, bases,
     eigendecompositions and QR run in it. If ``torch.linalg.eigh`` fails it is retried in
@@ -380,19 +393,16 @@ def soap_precondition(b1: Hyper = 0.9, b2: Hyper = 0.95, shampoo_beta: Hyper | N
                 else:
                     q.copy_(vectors)
 
-    def step(u: list[Tensor], state: SoapState, decay2: Hyper, k: int) -> list[Tensor]:
-        """The k-th real update: outputs, with moments and Grams updated in place."""
-        count = k - 1
+    def decays(decay2: Hyper, count: int) -> tuple[float, float, float]:
+        """(β1, β2, output scale) of the real update ``count + 1``."""
         if debias == "inplace":
-            beta1, beta2 = debiased_decay(b1, count), debiased_decay(decay2, count)
-            scale = 1.0
-        else:
-            beta1, beta2 = resolve(b1, count), resolve(decay2, count)
-            scale = math.sqrt(1.0 - decay_product(decay2, count)) / \
-                (1.0 - decay_product(b1, count))
-        flat = [g.reshape(nu.shape).to(nu.dtype) for g, nu in zip(u, state.nu)]
-        rotated = [_project(g, basis) if any(q is not None for q in basis) else g
-                   for g, basis in zip(flat, state.basis)]
+            return debiased_decay(b1, count), debiased_decay(decay2, count), 1.0
+        scale = math.sqrt(1.0 - decay_product(decay2, count)) / (1.0 - decay_product(b1, count))
+        return resolve(b1, count), resolve(decay2, count), scale
+
+    def adam(rotated: list[Tensor], state: SoapState, beta1: float, beta2: float, scale: float,
+             count: int) -> list[Tensor]:
+        """Adam in the rotated basis: updates m and v in place, returns scale · m / den."""
         mu, nu = state.mu, state.nu
         if momentum:
             torch._foreach_lerp_(mu, rotated, 1.0 - beta1)
@@ -400,20 +410,27 @@ def soap_precondition(b1: Hyper = 0.9, b2: Hyper = 0.95, shampoo_beta: Hyper | N
         torch._foreach_addcmul_(nu, rotated, rotated, 1.0 - beta2)
         den = torch._foreach_sqrt(nu)
         if eps_mode == "max":
-            torch._foreach_clamp_min_(den, eps)
+            torch._foreach_clamp_min_(den, resolve(eps, count))
         else:
-            torch._foreach_add_(den, eps)
+            torch._foreach_add_(den, resolve(eps, count))
         if scale != 1.0:
             torch._foreach_div_(den, scale)
-        directions = torch._foreach_div(mu if momentum else rotated, den)
+        return torch._foreach_div(mu if momentum else rotated, den)
+
+    def step(u: list[Tensor], state: SoapState, decay2: Hyper, k: int) -> list[Tensor]:
+        """The k-th real update (§5.7 steps 1-7): the outputs; moments and Grams in place."""
+        beta1, beta2, scale = decays(decay2, k - 1)
+        flat = [g.reshape(nu.shape).to(nu.dtype) for g, nu in zip(u, state.nu)]
+        rotated = [_project(g, basis) if _rotates(basis) else g
+                   for g, basis in zip(flat, state.basis)]
         out = []
-        for g, n, basis in zip(u, directions, state.basis):
-            if any(q is not None for q in basis):
+        for g, n, basis in zip(u, adam(rotated, state, beta1, beta2, scale, k - 1), state.basis):
+            if _rotates(basis):
                 n = _project(n, basis, back=True)
             if normalize_grads and n.numel():
                 n = n.div_(torch.linalg.vector_norm(n) / math.sqrt(n.numel()) + 1e-30)
             out.append(n.reshape(g.shape))
-        shampoo = beta2 if shampoo_beta is None else resolve(shampoo_beta, count)
+        shampoo = beta2 if shampoo_beta is None else resolve(shampoo_beta, k - 1)
         for g, grams in zip(flat, state.gram):
             _accumulate_grams(g, grams, shampoo)
         return out
@@ -442,6 +459,11 @@ def soap_precondition(b1: Hyper = 0.9, b2: Hyper = 0.95, shampoo_beta: Hyper | N
         return as_tree(updates, out), state._replace(count=k + 1, refresh_accumulator=accumulator)
 
     return GradientTransformation(init, update)
+
+
+def _rotates(basis: Matrices) -> bool:
+    """Whether a leaf has a preconditioned axis."""
+    return any(q is not None for q in basis)
 
 
 def _zeros(u: list[Tensor], state: SoapState) -> list[Tensor]:
