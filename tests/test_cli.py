@@ -225,3 +225,42 @@ def test_train_steps_curvature_optimizers_through_a_closure():
                                                                scale_by_learning_rate(1e-3))),
                    TaskConfig.small(steps=3, eval_every=3))
     assert len(calls) == 3 and len(result.train_loss) == 3
+
+
+@pytest.mark.parametrize("name, key", [
+    ("ForeachSOAP", "soap"), ("soap", "soap"), ("PaLMSOAP", "palm-soap"),
+    ("precond_schedule_palm_soap", "precond-schedule-palm-soap"),
+    ("PrecondScheduleSFPaLMForeachSOAP", "precond-schedule-sf-palm-soap"),
+    ("ForeachAdamW", "adamw-inplace"), ("sfadamw", "sfadamw"), ("ADOPT", "adopt"),
+])
+def test_compare_knows_every_heavyball_name(name, key):
+    (run,) = resolve_runs([name], {name: 1e-3})
+    assert run.name == key and run.cls is OPTIMIZERS[key] and run.hyperparameters["lr"] == 1e-3
+
+
+def test_every_seed_name_resolves_to_its_class():
+    from gradchain import optimizers
+
+    for seed, key in optimizers.SEED_NAMES.items():
+        assert optimizers.OPTIMIZERS[key] is getattr(optimizers, seed)
+        assert optimizers.optimizer_name(seed) == key
+
+
+def test_schedule_free_runs_are_evaluated_at_the_average():
+    """The task swaps x in for evaluation (eval/train) and leaves y in place for training."""
+    from gradchain.optimizers import SFAdamW
+    from gradchain.tasks.charlm import TaskConfig, train
+
+    calls = []
+
+    class Spy(SFAdamW):
+        def eval(self):
+            calls.append("eval")
+            super().eval()
+
+        def train(self):
+            calls.append("train")
+            super().train()
+
+    result = train(lambda params: Spy(params, lr=1e-2), TaskConfig.small(steps=20))
+    assert calls[:2] == ["eval", "train"] and len(calls) == 2 * (len(result.val_loss) + 1)
