@@ -80,8 +80,8 @@ class ChainOptimizer(torch.optim.Optimizer):
 
     ``compile=True`` runs each group's update and its application through ``torch.compile``
     (one fused graph per group; with stochastic rounding, the rounding runs after it); eager
-    mode is the reference. Leafwise chains in eager mode on
-    CPU run over a few parameters at a time while they are hot in cache.
+    mode is the reference. Leafwise chains in eager mode on CPU run over a few parameters at a
+    time while they are hot in cache.
 
     Example:
         >>> from gradchain.chains import adamw
