@@ -101,7 +101,8 @@ def test_named_chain_member_keeps_no_state_and_no_checkpoint_entry():
 def test_as_a_group_hyperparameter_it_is_not_evaluated_at_the_group_step():
     """The adapter hands the schedule to the recipe as is, so its consumer evaluates it with
     its own count and skips the bias correction; the param group keeps the object."""
-    p, q = torch.nn.Parameter(torch.ones(3, dtype=F64)), torch.nn.Parameter(torch.ones(3, dtype=F64))
+    p = torch.nn.Parameter(torch.ones(3, dtype=F64))
+    q = torch.nn.Parameter(torch.ones(3, dtype=F64))
     ours = ChainOptimizer([p], adamw, lr=0.1, b2=palm_beta2(), weight_decay=0.0)
     reference = ChainOptimizer([q], chain(scale_by_adam(b2=palm_beta2()),
                                           scale_by_learning_rate(0.1)))
