@@ -119,7 +119,8 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     ``palm_beta2`` member sets the second-moment decay of the members after it); the outermost
     chain adds ``grads`` (the raw gradient as it entered), checks that the updates match the
     params, and widens 16-bit updates to float32. State: a tuple of the members' states
-    (checkpoint keys ``"0.mu"``, ...; use ``named_chain`` for readable keys). A terminal member must be last.
+    (checkpoint keys ``"0.mu"``, ...; use ``named_chain`` for readable keys). A terminal member
+    must be last.
 
     Example:
         >>> from gradchain.transforms import scale_by_adam, scale_by_learning_rate
