@@ -13,7 +13,6 @@ bytes and their ratio to AdamW's. torch-SM3 (``pip install torch-SM3``) is optio
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -25,7 +24,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
-from step_time import gpt_parameters_with_gradients, state_bytes  # noqa: E402
+from step_time import (gpt_parameters_with_gradients, interleaved_medians,  # noqa: E402
+                       state_bytes)
 
 from gradchain.optimizers.sm3 import SM3  # noqa: E402
 
@@ -80,14 +80,7 @@ def main() -> None:
             del optimizers[name]
             continue
         print(f"  warm-up {name}: {time.perf_counter() - start:.1f} s")
-    times: dict[str, list[float]] = {name: [] for name in optimizers}
-    for _ in range(args.repeats):
-        for name, optimizer in optimizers.items():
-            start = time.perf_counter()
-            optimizer.step()
-            times[name].append(time.perf_counter() - start)
-
-    median = {name: statistics.median(t) for name, t in times.items()}
+    median = interleaved_medians(optimizers, args.repeats)
     adamw = median["torch AdamW foreach"]
     reference = median.get("torch-SM3")
     adamw_bytes = state_bytes(optimizers["torch AdamW foreach"])

@@ -63,6 +63,19 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
+def interleaved_medians(optimizers: dict[str, torch.optim.Optimizer], repeats: int
+                        ) -> dict[str, float]:
+    """Median seconds of ``step()`` per optimizer, the optimizers taking turns, one step each,
+    for ``repeats`` rounds (drifts of the machine hit them all alike)."""
+    times: dict[str, list[float]] = {name: [] for name in optimizers}
+    for _ in range(repeats):
+        for name, optimizer in optimizers.items():
+            start = time.perf_counter()
+            optimizer.step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def make_candidates(template: list[nn.Parameter], compile: bool
                     ) -> dict[str, torch.optim.Optimizer]:
     hyper = {"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1}
@@ -101,14 +114,7 @@ def main() -> None:
         optimizer.step()
         optimizer.step()
         print(f"  warm-up {name}: {time.perf_counter() - start:.1f} s")
-    times: dict[str, list[float]] = {name: [] for name in optimizers}
-    for _ in range(args.repeats):
-        for name, optimizer in optimizers.items():
-            start = time.perf_counter()
-            optimizer.step()
-            times[name].append(time.perf_counter() - start)
-
-    median = {name: statistics.median(t) for name, t in times.items()}
+    median = interleaved_medians(optimizers, args.repeats)
     foreach, fused = median["torch AdamW foreach"], median["torch AdamW fused"]
     print("\n| optimizer | median step (ms) | vs torch foreach | vs torch fused | state |")
     print("|---|---:|---:|---:|---:|")

@@ -65,6 +65,7 @@ __all__ = [
     "check_structure",
     "check_dense_real",
     "check_number",
+    "check_constant",
     "check_non_negative",
     "check_positive",
     "check_decay",
@@ -606,6 +607,16 @@ def _check_number(name: str, value: Any) -> bool:
 def check_number(name: str, value: Any) -> None:
     """``ValueError`` unless ``value`` is a real, non-NaN number (schedules pass)."""
     _check_number(name, value)
+
+
+def check_constant(transform: str, **values: Any) -> None:
+    """``ValueError`` for any of ``values`` that is a schedule where ``transform`` needs a
+    number (``inject_hyperparams`` schedules such a hyperparameter by rebuilding the transform).
+    """
+    for name, value in values.items():
+        if callable(value):
+            raise ValueError(f"{transform} needs a constant {name}, not a schedule; wrap "
+                             f"{transform} in inject_hyperparams to schedule it")
 
 
 def check_non_negative(name: str, value: Any) -> None:

@@ -42,19 +42,15 @@ def _first(beta: float, betas: PaLMBetas) -> float:
 # Recipes in HeavyBall's keywords
 
 
-def _adamw(lr: float, betas: Betas, eps: float, weight_decay: float, warmup_steps: int
-           ) -> GradientTransformation:
-    return recipes.adamw_inplace(lr, betas[0], betas[1], eps, weight_decay, warmup_steps)
+def _with_betas(recipe: Any) -> Any:
+    """An Adam-like recipe in HeavyBall's keywords (``betas`` as a pair)."""
 
+    def build(lr: float, betas: Betas, eps: float, weight_decay: float, warmup_steps: int
+              ) -> GradientTransformation:
+        return recipe(lr, betas[0], betas[1], eps, weight_decay, warmup_steps)
 
-def _laprop(lr: float, betas: Betas, eps: float, weight_decay: float, warmup_steps: int
-            ) -> GradientTransformation:
-    return recipes.laprop(lr, betas[0], betas[1], eps, weight_decay, warmup_steps)
-
-
-def _adopt(lr: float, betas: Betas, eps: float, weight_decay: float, warmup_steps: int
-           ) -> GradientTransformation:
-    return recipes.adopt(lr, betas[0], betas[1], eps, weight_decay, warmup_steps)
+    build.__name__ = recipe.__name__
+    return build
 
 
 def _sfadamw(lr: float, betas: Betas, eps: float, weight_decay: float, warmup_steps: int,
@@ -169,7 +165,20 @@ class _ScheduleFree(ChainOptimizer):
         return super().step(closure)
 
 
-class AdamWInplace(ChainOptimizer):
+class _AdamLike(ChainOptimizer):
+    """The common signature of the Adam-like classes; ``_recipe_of`` names the recipe."""
+
+    _recipe_of: Any
+
+    def __init__(self, params: Iterable[Any], lr: float = 0.0025, betas: Betas = (0.9, 0.99),
+                 eps: float = 1e-8, weight_decay: float = 0.0, warmup_steps: int = 0, *,
+                 stochastic_rounding: bool = True, compile: bool = False) -> None:
+        super().__init__(params, _with_betas(self._recipe_of), compile=compile,
+                         stochastic_rounding=stochastic_rounding, lr=lr, betas=betas,
+                         eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps)
+
+
+class AdamWInplace(_AdamLike):
     """AdamW with in-place debiased moments and eps as a floor (HeavyBall's ``ForeachAdamW``;
     recipe ``chains.adamw_inplace``). State keys ``adam.mu``, ``adam.nu``, ``adam.count``.
 
@@ -177,30 +186,20 @@ class AdamWInplace(ChainOptimizer):
         >>> opt = AdamWInplace(torch.nn.Linear(4, 2).parameters(), lr=1e-3, warmup_steps=10)
     """
 
-    def __init__(self, params: Iterable[Any], lr: float = 0.0025, betas: Betas = (0.9, 0.99),
-                 eps: float = 1e-8, weight_decay: float = 0.0, warmup_steps: int = 0, *,
-                 stochastic_rounding: bool = True, compile: bool = False) -> None:
-        super().__init__(params, _adamw, compile=compile,
-                         stochastic_rounding=stochastic_rounding, lr=lr, betas=betas,
-                         eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps)
+    _recipe_of = staticmethod(recipes.adamw_inplace)
 
 
-class LaProp(ChainOptimizer):
+class LaProp(_AdamLike):
     """LaProp (HeavyBall's ``ForeachLaProp``; recipe ``chains.laprop``).
 
     Example:
         >>> opt = LaProp(torch.nn.Linear(4, 2).parameters(), lr=1e-3)
     """
 
-    def __init__(self, params: Iterable[Any], lr: float = 0.0025, betas: Betas = (0.9, 0.99),
-                 eps: float = 1e-8, weight_decay: float = 0.0, warmup_steps: int = 0, *,
-                 stochastic_rounding: bool = True, compile: bool = False) -> None:
-        super().__init__(params, _laprop, compile=compile,
-                         stochastic_rounding=stochastic_rounding, lr=lr, betas=betas,
-                         eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps)
+    _recipe_of = staticmethod(recipes.laprop)
 
 
-class ADOPT(ChainOptimizer):
+class ADOPT(_AdamLike):
     """ADOPT, HeavyBall style without its one-step lag (``ForeachADOPT``; recipe
     ``chains.adopt``). The first step only measures the second moment.
 
@@ -208,12 +207,7 @@ class ADOPT(ChainOptimizer):
         >>> opt = ADOPT(torch.nn.Linear(4, 2).parameters(), lr=1e-3)
     """
 
-    def __init__(self, params: Iterable[Any], lr: float = 0.0025, betas: Betas = (0.9, 0.99),
-                 eps: float = 1e-8, weight_decay: float = 0.0, warmup_steps: int = 0, *,
-                 stochastic_rounding: bool = True, compile: bool = False) -> None:
-        super().__init__(params, _adopt, compile=compile,
-                         stochastic_rounding=stochastic_rounding, lr=lr, betas=betas,
-                         eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps)
+    _recipe_of = staticmethod(recipes.adopt)
 
 
 class SFAdamW(_ScheduleFree):

@@ -11,6 +11,7 @@ from gradchain.core import (
     GradientTransformation,
     Tree,
     as_tree,
+    check_constant,
     check_dense_real,
     check_non_negative,
     check_number,
@@ -139,10 +140,7 @@ def clip_by_agc(clip: float = 0.1, min_param_norm: float = 1e-3, eps: float = 1e
         >>> tx.update(g, tx.init(x), x)[0]  # s = 0.1 * 2 / 10
         [tensor([0.1200, 0.1600])]
     """
-    for name, value in (("clip", clip), ("min_param_norm", min_param_norm), ("eps", eps)):
-        if callable(value):
-            raise ValueError(f"{name} must be a number; wrap clip_by_agc in inject_hyperparams "
-                             "to schedule it")
+    check_constant("clip_by_agc", clip=clip, min_param_norm=min_param_norm, eps=eps)
     check_number("clip", clip)
     check_non_negative("min_param_norm", min_param_norm)
     check_non_negative("eps", eps)

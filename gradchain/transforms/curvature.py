@@ -19,9 +19,10 @@ from torch import Tensor
 
 from gradchain.core import (
     GradientTransformation,
-    all_finite,
     Tree,
+    all_finite,
     as_tree,
+    check_constant,
     check_decay,
     check_dense_real,
     check_non_negative,
@@ -140,10 +141,7 @@ def scale_by_abs_hessian_diag(b2: float = 0.999, eps: float = 1e-4, update_d_eve
         >>> tx.needs_hvp(state)
         True
     """
-    for name, value in (("b2", b2), ("eps", eps)):
-        if callable(value):
-            raise ValueError(f"scale_by_abs_hessian_diag needs a constant {name}, "
-                             "not a schedule")
+    check_constant("scale_by_abs_hessian_diag", b2=b2, eps=eps)
     check_decay("b2", b2)
     check_non_negative("eps", eps)
     _check_count("update_d_every", update_d_every)

@@ -14,6 +14,7 @@ from gradchain.core import (
     Tree,
     as_tree,
     check_choice,
+    check_constant,
     check_decay,
     check_dense_real,
     check_number,
@@ -160,9 +161,7 @@ def qh_momentum(beta: float = 0.9, nu: float | None = None,
         >>> u, s = tx.update([torch.full((1,), 3.0)], s); u  # (0.5 * 1.75 + 0.5 * 3) / 0.875
         [tensor([2.7143])]
     """
-    for name, value in (("beta", beta), ("nu", nu)):
-        if callable(value):
-            raise ValueError(f"qh_momentum needs a constant {name}, not a schedule")
+    check_constant("qh_momentum", beta=beta, nu=nu)
     check_decay("beta", beta)
     if nu is None:
         nu = beta

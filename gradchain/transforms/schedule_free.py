@@ -15,6 +15,7 @@ from gradchain.core import (
     Tree,
     as_tree,
     check_choice,
+    check_constant,
     check_decay,
     check_dense_real,
     check_non_negative,
@@ -41,11 +42,6 @@ class ScheduleFreeState(NamedTuple):
     lr_max: float  # running max of learning_rate(count)
     z: list[Tensor]  # the base optimizer's iterate, one per parameter
     base: Any
-
-
-def _check_constant(name: str, value: Any) -> None:
-    if callable(value):
-        raise ValueError(f"{name} of schedule_free must be a number, not a schedule")
 
 
 def schedule_free(base: GradientTransformation, learning_rate: Hyper, b1: float = 0.9,
@@ -121,8 +117,7 @@ def schedule_free(base: GradientTransformation, learning_rate: Hyper, b1: float 
     if base.terminal:
         raise ValueError("the base of schedule_free must not be terminal: give it the base "
                          "optimizer's step, ending with scale_by_learning_rate")
-    for name, value in (("b1", b1), ("weight_lr_power", weight_lr_power), ("r", r)):
-        _check_constant(name, value)
+    check_constant("schedule_free", b1=b1, weight_lr_power=weight_lr_power, r=r)
     check_decay("b1", b1)
     check_non_negative("weight_lr_power", weight_lr_power)
     check_non_negative("r", r)
@@ -211,7 +206,7 @@ def _towards_z(state: Any, params: Tree, weight: float) -> tuple[list[Tensor], l
 
 
 def _eval_b1(b1: float) -> float:
-    _check_constant("b1", b1)
+    check_constant("schedule_free", b1=b1)
     check_decay("b1", b1)
     if b1 == 0:
         raise ValueError("b1 = 0: the parameters y equal z and the average x cannot be "
