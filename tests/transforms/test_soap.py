@@ -606,3 +606,18 @@ def test_invalid_hyperparameters_are_rejected(kwargs, name):
 def test_soap_docstring_examples_run():
     result = doctest.testmod(soap)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("shape", [(517, 300), (300, 517), (1100, 7), (256, 40), (3, 9)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_blocked_gram_equals_the_plain_product(shape, transposed):
+    """The Gram accumulation computes off-diagonal blocks once and mirrors them; the result is
+    the plain :math:`\\beta L + \\alpha A A^\\top`, for odd sizes and strided (transposed) A."""
+    torch.manual_seed(0)
+    a = torch.randn(shape, dtype=torch.float64)
+    a = a.T if transposed else a
+    start = torch.randn(a.shape[0], a.shape[0], dtype=torch.float64)
+    start = start + start.T
+    gram = start.clone()
+    soap._add_gram_(gram, a, 0.9, 0.1)
+    torch.testing.assert_close(gram, 0.9 * start + 0.1 * a @ a.T, rtol=1e-12, atol=1e-12)
