@@ -241,7 +241,9 @@ def _refresh(grams: Matrices, basis: Matrices, nu: Tensor, mu: Tensor | None) ->
     :math:`m \\leftarrow P_{new}(P_{old}^{-1}(m))`. Per axis that is
     :math:`m \\times_a Q_{a,old}^\\top \\times_a Q_{a,new}`, or one product with
     :math:`R_a = Q_{a,old}^\\top Q_{a,new}`, cheaper when :math:`d_a^2 <` numel
-    (:math:`2d_a^3` for R against :math:`2\\,\\mathrm{numel}\\,d_a` for the extra product)."""
+    (:math:`2d_a^3` for R against :math:`2\\,\\mathrm{numel}\\,d_a` for the extra product).
+    An axis whose Gram matrix is not finite keeps its basis (with a warning), so an overflow never
+    reaches the parameters."""
     if not _rotates(basis):
         return
     fresh: list[Tensor | None] = []
@@ -250,16 +252,21 @@ def _refresh(grams: Matrices, basis: Matrices, nu: Tensor, mu: Tensor | None) ->
             fresh.append(None)
             continue
         power = gram @ q
+        if not bool(power.isfinite().all()):
+            warnings.warn("soap_precondition: a Gram matrix is not finite (overflow?); keeping "
+                          "its eigenbasis", RuntimeWarning, stacklevel=4)
+            fresh.append(None)
+            continue
         order = torch.argsort((q * power).sum(0), descending=True)
         nu.copy_(nu.index_select(axis, order))
         fresh.append(torch.linalg.qr(power[:, order]).Q)
     if mu is not None:
-        one_product = [q is not None and q.shape[0] ** 2 < mu.numel() for q in basis]
-        old = tuple(None if r else q for q, r in zip(basis, one_product))
+        one_product = [f is not None and f.shape[0] ** 2 < mu.numel() for f in fresh]
+        old = tuple(None if f is None or r else q for q, f, r in zip(basis, fresh, one_product))
         new = tuple(q.T @ f if r else f for q, f, r in zip(basis, fresh, one_product))
         mu.copy_(_project(_project(mu, old, back=True), new))
     for q, f in zip(basis, fresh):
-        if q is not None and f is not None:
+        if f is not None:
             q.copy_(f)
 
 

@@ -621,3 +621,19 @@ def test_blocked_gram_equals_the_plain_product(shape, transposed):
     gram = start.clone()
     soap._add_gram_(gram, a, 0.9, 0.1)
     torch.testing.assert_close(gram, 0.9 * start + 0.1 * a @ a.T, rtol=1e-12, atol=1e-12)
+
+
+def test_a_gram_that_overflowed_keeps_its_basis_and_never_reaches_the_update():
+    tx = soap.soap_precondition(precondition_frequency=1)
+    torch.manual_seed(0)
+    params = [torch.randn(5, 3)]
+    state = tx.init(params)
+    for _ in range(2):  # the first real update replaces the Grams (its debiased decay is 0)
+        _, state = tx.update([torch.randn(5, 3)], state, params)
+    state.gram[0][0].fill_(math.inf)
+    left, right = (q.clone() for q in state.basis[0])
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        out, state = tx.update([torch.randn(5, 3)], state, params)
+    assert torch.equal(state.basis[0][0], left)
+    assert not torch.equal(state.basis[0][1], right)  # the finite axis is refreshed
+    assert out[0].isfinite().all() and state.mu[0].isfinite().all()
