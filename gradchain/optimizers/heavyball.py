@@ -164,6 +164,17 @@ class _ScheduleFree(ChainOptimizer):
                                "optimizer.train() before optimizer.step()")
         return super().step(closure)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The adapter's state dict, plus ``"training"``: which of y (True) or x the parameters
+        held when it was taken, so that a model saved with it is switched back correctly."""
+        return {**super().state_dict(), "training": self._training}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        training = state_dict.pop("training", True)
+        super().load_state_dict(state_dict)
+        self._training = bool(training)
+
 
 class _AdamLike(ChainOptimizer):
     """The common signature of the Adam-like classes; ``_recipe_of`` names the recipe."""

@@ -207,6 +207,28 @@ def test_schedule_free_eval_and_train_swap_the_average_in_and_out(name):
     _train(opt, model, steps=1)
 
 
+@pytest.mark.parametrize("name", sorted(SCHEDULE_FREE))
+def test_schedule_free_mode_travels_with_the_state_dict(name, tmp_path):
+    """A model saved in eval mode holds x; the optimizer loaded with it knows, and ``train()``
+    brings back the same y as the original's."""
+    model = _model()
+    opt = _cls(name)(model.parameters(), lr=1e-2)
+    _train(opt, model, steps=5)
+    opt.eval()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    twin = _model()
+    twin.load_state_dict(saved["model"])
+    twin_opt = _cls(name)(twin.parameters(), lr=1e-2)
+    twin_opt.load_state_dict(saved["opt"])
+    with pytest.raises(RuntimeError, match="train()"):
+        twin_opt.step()
+    opt.train()
+    twin_opt.train()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_recipes_compose_with_partitions():
     """A recipe is a transform: SOAP for matrices, in-place AdamW for the rest."""
     model = _model()
