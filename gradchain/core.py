@@ -58,6 +58,7 @@ __all__ = [
     "hoist",
     "select_state",
     "merge_state",
+    "find_state",
     "expand_state",
     "flatten_state",
     "unflatten_state",
@@ -439,6 +440,32 @@ def _is_namedtuple(x: Any) -> bool:
 
 def _rebuild(like: tuple, items: Iterable[Any]) -> tuple:
     return type(like)(*items) if _is_namedtuple(like) else tuple(items)
+
+
+def find_state(state: Any, state_type: type | tuple[type, ...], transform: str) -> Any:
+    """The one ``state_type`` in ``state``: the state itself, or inside a chain's (or any
+    combinator's) state; ``ValueError`` naming ``transform`` when there is none or several.
+
+    >>> find_state({"clip": (), "scale": EmptyState()}, EmptyState, "scale")
+    EmptyState()
+    """
+    found: list[Any] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, state_type):
+            found.append(node)
+        elif isinstance(node, Mapping):
+            for child in node.values():
+                walk(child)
+        elif isinstance(node, tuple):
+            for child in node:
+                walk(child)
+
+    walk(state)
+    if len(found) != 1:
+        raise ValueError(f"expected the state of one {transform} transform, found "
+                         f"{len(found)} in the state given")
+    return found[0]
 
 
 def select_state(state: Any, index: Sequence[int]) -> Any:

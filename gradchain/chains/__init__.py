@@ -24,6 +24,8 @@ from gradchain.chains.heavyball import (
     sfadamw,
     soap,
 )
+from gradchain.chains.hypergrad import hd_adam, hd_sgd, marthe, rtho
+from gradchain.chains.mechanic import mechanize
 from gradchain.chains.recipes import adam, adamw, sgd
 from gradchain.chains.sm3 import sm3
 
@@ -36,6 +38,7 @@ __all__ = [
     "inject_hyperparams",
     "multi_steps",
     "apply_if_finite",
+    "mechanize",
     "sgd",
     "adam",
     "adamw",
@@ -52,4 +55,8 @@ __all__ = [
     "precond_schedule_sf_palm_soap",
     "precond_schedule_palm_soap",
     "precond_schedule_soap",
+    "hd_sgd",
+    "hd_adam",
+    "rtho",
+    "marthe",
 ]

@@ -26,6 +26,8 @@ from gradchain.optimizers.heavyball import (
     PrecondScheduleSFPaLMSOAP,
     PrecondScheduleSOAP,
 )
+from gradchain.optimizers.hypergrad import HDSGD, MARTHE, RTHO, HDAdam
+from gradchain.optimizers.mechanic import Mechanized, mechanize
 from gradchain.optimizers.sm3 import SM3
 from gradchain.optimizers.standard import SGD, Adam, AdamW
 
@@ -37,6 +39,7 @@ OPTIMIZERS = {
     "sf-palm-soap": SFPaLMSOAP, "precond-schedule-sf-palm-soap": PrecondScheduleSFPaLMSOAP,
     "precond-schedule-palm-soap": PrecondSchedulePaLMSOAP,
     "precond-schedule-soap": PrecondScheduleSOAP,
+    "hd-sgd": HDSGD, "hd-adam": HDAdam, "rtho": RTHO, "marthe": MARTHE,
 }
 
 #: HeavyBall's names of the optimizers above.
@@ -73,7 +76,7 @@ def optimizer_name(name: str) -> str | None:
 
 __all__ = [
     "ChainOptimizer", "SGD", "Adam", "AdamW", "SM3", "ESGD", "OPTIMIZERS", "SEED_NAMES",
-    "optimizer_name",
+    "optimizer_name", "mechanize", "Mechanized", "HDSGD", "HDAdam", "RTHO", "MARTHE",
     "AdamWInplace", "LaProp", "ADOPT", "SFAdamW", "PaLMSFAdamW", "SOAP", "PaLMSOAP",
     "SFPaLMSOAP", "PrecondScheduleSFPaLMSOAP", "PrecondSchedulePaLMSOAP", "PrecondScheduleSOAP",
     "ForeachAdamW", "ForeachLaProp", "ForeachADOPT", "ForeachSFAdamW", "PaLMForeachSFAdamW",

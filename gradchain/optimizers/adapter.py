@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from copy import deepcopy
 from typing import Any
@@ -65,7 +65,8 @@ class ChainOptimizer(torch.optim.Optimizer):
     in ``add_param_group``.
 
     ``step(closure=None)`` skips parameters whose ``.grad`` is None (as torch does) and passes
-    the chain the ``loss`` (when a closure is given) and ``step`` extras. Gradients of 16-bit
+    the chain the ``loss`` (when a closure is given) and ``step`` extras; ``param_extras`` adds
+    extras shaped like the parameters (a validation gradient: ``val_grads``). Gradients of 16-bit
     parameters are widened to float32; the state of such parameters is float32. The state
     lives in one state per group; ``state_dict()`` flattens it to torch's per-parameter layout,
     with keys from the chain (``"adam.mu"``, ``"step"``), loadable with
@@ -146,6 +147,8 @@ class ChainOptimizer(torch.optim.Optimizer):
                                  f"{self._recipe.__name__}; it takes {sorted(self._arguments)}")
             self._build({**self.defaults, **group}, step=0)
         params = group["params"]
+        if not isinstance(params, (Tensor, set)):  # read once: it may be a generator
+            params = group["params"] = list(params)
         for p in [params] if isinstance(params, Tensor) else list(params):
             tensor = p[1] if isinstance(p, tuple) else p
             if isinstance(tensor, Tensor) and tensor.is_complex():
@@ -206,13 +209,27 @@ class ChainOptimizer(torch.optim.Optimizer):
         state = self._group_states[index]
         return needs_hvp(tx, self._init_group(index, tx) if state is None else state)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+    def step(self, closure: Callable[[], Any] | None = None, *,
+             param_extras: Mapping[str, Sequence[Tensor | None]] | None = None) -> Any:
         """One optimization step over every group; returns the closure's loss, if any.
 
         On steps that use Hessian-vector products (``needs_hvp()``), the closure runs with its
         ``backward`` building the double-backward graph; that graph is released after the step.
+
+        ``param_extras`` maps an extra's name to one tensor per parameter, in the order of
+        ``param_groups`` (None reads as zeros), e.g. ``{"val_grads": [...]}``; each group's chain
+        receives it as a dict ``name -> tensor`` over the parameters that have a gradient, as it
+        receives ``grads``.
         """
+        return self._step(closure, param_extras)
+
+    @torch.no_grad()
+    def _step(self, closure: Callable[[], Any] | None,
+              param_extras: Mapping[str, Sequence[Tensor | None]] | None) -> Any:
+        """The body of ``step``. A subclass that extends ``step``'s signature calls this rather
+        than ``super().step``, so that torch's step hooks (wrapped around every class's own
+        ``step``) run once."""
+        per_group = self._split_param_extras(param_extras or {})
         curvature = [self._group_needs_hvp(i) for i in range(len(self.param_groups))]
         loss = None
         if closure is not None:
@@ -225,14 +242,33 @@ class ChainOptimizer(torch.optim.Optimizer):
                     if p.grad is not None:
                         _check_gradient(name, p, tx.accepts_sparse, curvature[index])
             for index, group in enumerate(self.param_groups):
-                self._step_group(index, group, loss, curvature[index])
+                self._step_group(index, group, loss, curvature[index], per_group[index])
         finally:
             _release_graphs(self.param_groups)
         self._refresh_state_view()
         return loss
 
+    def _split_param_extras(self, param_extras: Mapping[str, Sequence[Tensor | None]]
+                            ) -> list[dict[str, list[Tensor]]]:
+        """``param_extras`` cut into one dict per group (None entries become zeros)."""
+        sizes = [len(group["params"]) for group in self.param_groups]
+        per_group: list[dict[str, list[Tensor]]] = [{} for _ in sizes]
+        for key, values in param_extras.items():
+            values = list(values)
+            if len(values) != sum(sizes):
+                raise ValueError(f"param_extras[{key!r}] has {len(values)} entries for "
+                                 f"{sum(sizes)} parameters; give one tensor (or None) per "
+                                 "parameter, in the order of param_groups")
+            start = 0
+            for index, (group, size) in enumerate(zip(self.param_groups, sizes)):
+                chunk = values[start:start + size]
+                per_group[index][key] = [torch.zeros_like(p) if v is None else v.detach()
+                                         for p, v in zip(group["params"], chunk)]
+                start += size
+        return per_group
+
     def _step_group(self, group_index: int, group: dict[str, Any], loss: Any,
-                    curvature: bool) -> None:
+                    curvature: bool, param_extras: dict[str, list[Tensor]]) -> None:
         params: list[Tensor] = group["params"]
         names = self._names(group)
         active = [i for i, p in enumerate(params) if p.grad is not None]
@@ -255,8 +291,11 @@ class ChainOptimizer(torch.optim.Optimizer):
             grads = {names[i]: _widen(_block(params[i].grad.detach(), rows)) for i in index}
             chunk_params = {names[i]: _block(params[i], rows) for i in index}
             whole = select_state(before, index)
+            piece_extras = {**extras, **{key: {names[i]: _widen(_block(values[i], rows))
+                                               for i in index}
+                                         for key, values in param_extras.items()}}
             part = run(grads, whole if rows is None else _rows_of(whole, rows), chunk_params,
-                       extras)
+                       piece_extras)
             if rounding:
                 updates, part = part
                 self._apply_rounded(chunk_params, updates)

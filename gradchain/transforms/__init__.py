@@ -11,12 +11,14 @@ from gradchain.transforms.basic import (
 )
 from gradchain.transforms.clipping import clip, clip_by_agc, clip_by_global_norm
 from gradchain.transforms.curvature import scale_by_abs_hessian_diag
+from gradchain.transforms.hypergrad import hypergrad_lr, hypergrad_lr_value
 from gradchain.transforms.inplace import (
     scale_by_adam_inplace,
     scale_by_adopt,
     scale_by_laprop,
     scale_by_rms_inplace,
 )
+from gradchain.transforms.mechanic import mechanic_scale, mechanic_scale_value
 from gradchain.transforms.momentum import ema, qh_momentum, trace
 from gradchain.transforms.palm import palm_beta2
 from gradchain.transforms.schedule_free import (
@@ -50,6 +52,10 @@ __all__ = [
     "schedule_free_eval_params",
     "to_eval",
     "to_train",
+    "mechanic_scale",
+    "hypergrad_lr",
+    "hypergrad_lr_value",
+    "mechanic_scale_value",
     "scale_by_sm3",
     "scale_by_abs_hessian_diag",
     "clip",

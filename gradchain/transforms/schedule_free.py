@@ -3,7 +3,6 @@ helpers that switch the parameters between the training point y and the average 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -19,6 +18,7 @@ from gradchain.core import (
     check_decay,
     check_dense_real,
     check_non_negative,
+    find_state,
     hoist,
     leaves,
     resolve,
@@ -166,34 +166,12 @@ def schedule_free(base: GradientTransformation, learning_rate: Hyper, b1: float 
 # Evaluation point
 
 
-def _find_state(state: Any) -> ScheduleFreeState:
-    """The ``ScheduleFreeState`` in ``state`` (itself, or inside a chain's or a combinator's
-    state)."""
-    found: list[ScheduleFreeState] = []
-
-    def walk(node: Any) -> None:
-        if isinstance(node, ScheduleFreeState):
-            found.append(node)
-        elif isinstance(node, Mapping):
-            for child in node.values():
-                walk(child)
-        elif isinstance(node, tuple):
-            for child in node:
-                walk(child)
-
-    walk(state)
-    if len(found) != 1:
-        raise ValueError(f"expected the state of one schedule_free transform, found "
-                         f"{len(found)} in the state given")
-    return found[0]
-
-
 def _towards_z(state: Any, params: Tree, weight: float) -> tuple[list[Tensor], list[int],
                                                                    list[Tensor]]:
     """``lerp(params, z, weight)`` in z's dtype for the parameters that have a z; returns the
     parameters, their positions, and the results."""
     p = leaves(params)
-    z = _find_state(state).z
+    z = find_state(state, ScheduleFreeState, "schedule_free").z
     if len(z) != len(p):
         raise ValueError(f"the schedule_free state holds z for {len(z)} parameters, "
                          f"params has {len(p)}")
