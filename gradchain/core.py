@@ -59,6 +59,7 @@ __all__ = [
     "select_state",
     "merge_state",
     "find_state",
+    "hessian_vector_products",
     "expand_state",
     "flatten_state",
     "unflatten_state",
@@ -615,6 +616,21 @@ def _is_number(value: Any) -> bool:
 def needs_hvp(transform: GradientTransformation, state: Any) -> bool:
     """Whether the next ``transform.update`` from ``state`` uses the ``hvp`` extra."""
     return transform.needs_hvp is not None and bool(transform.needs_hvp(state))
+
+
+def hessian_vector_products(hvp: Callable[[Tree], Tree], updates: Tree, vectors: list[Tensor]
+                            ) -> list[Tensor]:
+    """``hvp`` (the ``hvp`` extra, ``v -> H v``) applied to ``vectors`` laid out like
+    ``updates``: the products as a detached list, checked to be one per parameter and shaped
+    like it (``ValueError`` naming the parameter otherwise)."""
+    result = leaves(hvp(as_tree(updates, vectors)))
+    if len(result) != len(vectors):
+        raise ValueError(f"hvp returned {len(result)} tensors for {len(vectors)} parameters")
+    for name, h, v in zip(names(updates), result, vectors):
+        if h.shape != v.shape:
+            raise ValueError(f"hvp returned shape {tuple(h.shape)} for parameter {name!r}, "
+                             f"expected {tuple(v.shape)}")
+    return [h.detach() for h in result]
 
 
 def _check_number(name: str, value: Any) -> bool:

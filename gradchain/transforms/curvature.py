@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -26,9 +25,9 @@ from gradchain.core import (
     check_decay,
     check_dense_real,
     check_non_negative,
+    hessian_vector_products,
     hoist,
     leaves,
-    names,
     writable,
     zeros_like_state,
 )
@@ -82,18 +81,6 @@ def _missing_hvp(step: int) -> ValueError:
         f"minibatch loss) on step {step}: pass hvp=... to update, or in an optimizer call "
         "loss.backward(create_graph=True) or pass a closure to step()"
     )
-
-
-def _hvp_leaves(hvp: Callable[[Tree], Tree], updates: Tree, probes: list[Tensor]
-                ) -> list[Tensor]:
-    result = leaves(hvp(as_tree(updates, probes)))
-    if len(result) != len(probes):
-        raise ValueError(f"hvp returned {len(result)} tensors for {len(probes)} parameters")
-    for name, h, z in zip(names(updates), result, probes):
-        if h.shape != z.shape:
-            raise ValueError(f"hvp returned shape {tuple(h.shape)} for parameter {name!r}, "
-                             f"expected {tuple(z.shape)}")
-    return [h.detach() for h in result]
 
 
 def scale_by_abs_hessian_diag(b2: float = 0.999, eps: float = 1e-4, update_d_every: int = 10,
@@ -174,7 +161,7 @@ def scale_by_abs_hessian_diag(b2: float = 0.999, eps: float = 1e-4, update_d_eve
             generator.set_state(rng_state)
             probes = _rademacher(u, generator)
             rng_state = generator.get_state()
-            h = [x.to(di.dtype) for x, di in zip(_hvp_leaves(hvp, updates, probes), d)]
+            h = [x.to(di.dtype) for x, di in zip(hessian_vector_products(hvp, updates, probes), d)]
             squares = torch._foreach_mul(h, h)
             if all_finite(squares):
                 torch._foreach_lerp_(d, squares, 1.0 - b2)   # D <- b2 D + (1 - b2) h^2

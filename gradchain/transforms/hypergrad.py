@@ -41,8 +41,8 @@ from gradchain.core import (
     check_positive,
     check_structure,
     find_state,
+    hessian_vector_products,
     leaves,
-    names,
     writable,
     zeros_like_state,
 )
@@ -336,20 +336,20 @@ def _hessian_products(extras: Mapping[str, Any], updates: Tree, vectors: list[Te
                        "pass hvp=... to update, or with an optimizer call "
                        "loss.backward(create_graph=opt.needs_hvp()) or pass a closure to "
                        "step(); mu=0 or first_order=True train without it")
-    result = leaves(hvp(as_tree(updates, vectors)))
-    if len(result) != len(vectors):
-        raise ValueError(f"hvp returned {len(result)} tensors for {len(vectors)} parameters")
-    for name, h, z in zip(names(updates), result, vectors):
-        if h.shape != z.shape:
-            raise ValueError(f"hvp returned shape {tuple(h.shape)} for parameter {name!r}, "
-                             f"expected {tuple(z.shape)}")
-    products = [h.detach().to(z.dtype) for h, z in zip(result, vectors)]
+    products = [h.to(z.dtype) for h, z in
+                zip(hessian_vector_products(hvp, updates, vectors), vectors)]
     # the tangent is updated in place: never keep a product that is the vector itself
     return [h.clone() if h.data_ptr() == z.data_ptr() else h for h, z in zip(products, vectors)]
 
 
 # ----------------------------------------------------------------------------------------------
 # Validation
+
+
+def _check_params_for_decay(weight_decay: float, params: Tree | None) -> None:
+    if weight_decay and params is None:
+        raise ValueError(f"{_NAME} with weight_decay needs the parameters: "
+                         "call update(updates, state, params)")
 
 
 def _check_unused(owner: str, options: Mapping[str, tuple[Any, Any]]) -> None:
@@ -579,9 +579,7 @@ def _hd(init_lr: float, hyper_lr: float, alpha: float, clip: float | None, weigh
         if extras.get("grads") is None:
             raise ValueError(f"{_NAME}(mode='hd') needs the 'grads' extra (the raw gradient): "
                              "put it in a chain, which adds it, or pass grads=... to update")
-        if weight_decay and params is None:
-            raise ValueError(f"{_NAME} with weight_decay needs the parameters: "
-                             "call update(updates, state, params)")
+        _check_params_for_decay(weight_decay, params)
         lr, beta = float(state.lr), float(state.hyper_lr)
         if t > 1:  # u_0 = 0: no hyper-step on the first call
             g = _plus_decay(leaves(extras["grads"]), None if params is None else leaves(params),
@@ -679,9 +677,7 @@ def _marthe(cfg: _MartheConfig) -> GradientTransformation:
         if not g:
             return updates, state._replace(count=t)
         check_dense_real(g, _NAME)
-        if cfg.weight_decay and params is None:
-            raise ValueError(f"{_NAME} with weight_decay needs the parameters: "
-                             "call update(updates, state, params)")
+        _check_params_for_decay(cfg.weight_decay, params)
         p = None if params is None else leaves(params)
         val = _validation_gradient(extras, updates, t)
         lr, beta, mu, mu_acc = (hyper_step(state, val) if val is not None and t > 1 else
