@@ -5,6 +5,7 @@ Examples::
     python -m gradchain list
     python -m gradchain compare                       # adamw and sgd, about two minutes
     python -m gradchain compare adam sgd --lr sgd=0.1 --steps 300 --plot runs.png
+    python -m gradchain compare adamw mechanize:adamw marthe hd-adam
     GRADCHAIN_SMALL=1 python -m gradchain compare     # a few seconds (or: --small)
 
 The task and matplotlib are imported inside the commands that use them.
@@ -30,6 +31,7 @@ __all__ = ["main", "ProgressBar", "format_bytes", "format_table", "plot_comparis
 
 DEFAULT_RECIPES = ("adamw", "sgd")
 DEFAULT_PLOT = "gradchain_compare.png"
+MECHANIZE = "mechanize:"  # prefix of a recipe run under Mechanic
 PLOT_HINT = ('matplotlib is not installed, so no plot was written; '
              'get it with: pip install "gradchain[plot]"')
 
@@ -77,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
         "table and plot the loss curves.",
     )
     compare.add_argument("recipes", nargs="*", metavar="RECIPE",
-                         help=f"recipe names (default: {' '.join(DEFAULT_RECIPES)})")
+                         help=f"recipe names, or {MECHANIZE}<recipe> for a recipe under "
+                         f"Mechanic (default: {' '.join(DEFAULT_RECIPES)})")
     compare.add_argument("--steps", type=_positive_int, help="training steps per recipe")
     compare.add_argument("--lr", type=_lr_override, action="append", default=[],
                          metavar="NAME=VALUE", help="learning rate of one recipe (repeatable)")
@@ -181,21 +184,28 @@ def compare_command(args: argparse.Namespace) -> int:
 def resolve_runs(names: Sequence[str], lr_overrides: dict[str, float]) -> list[Run]:
     """The recipes to train, with their hyperparameters for this task; ``UsageError`` if unknown.
 
+    ``mechanize:<recipe>`` is any recipe under Mechanic's learned scale
+    (``gradchain.mechanize``), with the recipe's tuned hyperparameters for this task except the
+    learning rate, which is the base step that Mechanic scales: 1.0 unless given.
     The learning rate is, in order: ``lr_overrides[name]``, the task's tuned default
     (``charlm.DEFAULT_HYPERPARAMETERS``), the optimizer class's own default.
     """
     from gradchain.optimizers import OPTIMIZERS, optimizer_name
+    from gradchain.optimizers.mechanic import mechanize
     from gradchain.tasks.charlm import DEFAULT_HYPERPARAMETERS
 
     def canonical(name: str) -> str:
-        return optimizer_name(name) or name.lower()
+        base = name[len(MECHANIZE):] if name.lower().startswith(MECHANIZE) else name
+        key = optimizer_name(base) or base.lower()
+        return MECHANIZE + key if base is not name else key
 
     names = list(dict.fromkeys(canonical(name) for name in names))
     lr_overrides = {canonical(name): lr for name, lr in lr_overrides.items()}
     available = ", ".join(sorted(OPTIMIZERS))
     for name in [*names, *lr_overrides]:
-        if name not in OPTIMIZERS:
-            raise UsageError(f"unknown recipe {name!r}; available recipes: {available}")
+        if name.removeprefix(MECHANIZE) not in OPTIMIZERS:
+            raise UsageError(f"unknown recipe {name!r}; available recipes: {available}, "
+                             f"each also as {MECHANIZE}<recipe>")
     for name in lr_overrides:
         if name not in names:
             raise UsageError(f"--lr {name}=... names a recipe that is not being compared "
@@ -203,12 +213,17 @@ def resolve_runs(names: Sequence[str], lr_overrides: dict[str, float]) -> list[R
 
     runs = []
     for name in names:
-        hyperparameters = dict(DEFAULT_HYPERPARAMETERS.get(name, {}))
+        base = name.removeprefix(MECHANIZE)
+        hyperparameters = dict(DEFAULT_HYPERPARAMETERS.get(base, {}))
+        cls = OPTIMIZERS[base]
+        if name != base:
+            cls = mechanize(cls)
+            hyperparameters["lr"] = 1.0
         if name in lr_overrides:
             hyperparameters["lr"] = lr_overrides[name]
         if "lr" not in hyperparameters:
-            hyperparameters["lr"] = _class_default_lr(name, OPTIMIZERS[name])
-        runs.append(Run(name, OPTIMIZERS[name], hyperparameters))
+            hyperparameters["lr"] = _class_default_lr(name, cls)
+        runs.append(Run(name, cls, hyperparameters))
     return runs
 
 

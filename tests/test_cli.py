@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from gradchain import chains, cli, transforms
-from gradchain.cli import ProgressBar, format_bytes, main, resolve_runs
+from gradchain.cli import ProgressBar, UsageError, format_bytes, main, resolve_runs
 from gradchain.optimizers import OPTIMIZERS
 from gradchain.tasks import charlm
 from gradchain.tasks.charlm import (
@@ -264,3 +264,61 @@ def test_schedule_free_runs_are_evaluated_at_the_average():
 
     result = train(lambda params: Spy(params, lr=1e-2), TaskConfig.small(steps=20))
     assert calls[:2] == ["eval", "train"] and len(calls) == 2 * (len(result.val_loss) + 1)
+
+
+def test_mechanize_prefix_runs_any_recipe_under_mechanic():
+    from gradchain.optimizers import Mechanized
+
+    plain, mechanized, seed_named = resolve_runs(
+        ["adamw", "mechanize:AdamW", "Mechanize:ForeachSOAP"], {"mechanize:soap": 0.5})
+    assert plain.cls is OPTIMIZERS["adamw"] and plain.hyperparameters["lr"] == 1e-3
+    assert mechanized.name == "mechanize:adamw" and issubclass(mechanized.cls, Mechanized)
+    assert issubclass(mechanized.cls, OPTIMIZERS["adamw"])
+    assert mechanized.hyperparameters["lr"] == 1.0  # the base step Mechanic scales
+    assert seed_named.name == "mechanize:soap" and seed_named.hyperparameters["lr"] == 0.5
+    with pytest.raises(UsageError, match="mechanize:<recipe>"):
+        resolve_runs(["mechanize:nope"], {})
+
+
+def test_validated_optimizers_train_on_less_and_get_a_held_out_validation_closure(monkeypatch):
+    """RTHO/MARTHE: the last 10% of the training split is cut off and only ever reaches the
+    optimizer through ``val_closure``, on every step."""
+    from gradchain.optimizers import MARTHE
+
+    splits = []
+    real_batches = charlm._batches
+
+    def recording_batches(data, config, generator):
+        splits.append(data)
+        return real_batches(data, config, generator)
+
+    monkeypatch.setattr(charlm, "_batches", recording_batches)
+    val_losses = []
+
+    class Spy(MARTHE):
+        def step(self, closure=None, val_closure=None, val_grads=None):
+            val_losses.append(val_closure().item())
+            return super().step(closure, val_closure=val_closure)
+
+    config = TaskConfig.small(steps=4, eval_every=4)
+    result = train(lambda params: Spy(params, lr=0.01, hyper_lr=1e-4), config)
+    train_data, _ = charlm._splits(config.max_chars)
+    held_out, trained_on = splits[-2], splits[-1]
+    assert len(trained_on) + len(held_out) == len(train_data)
+    assert torch.equal(torch.cat([trained_on, held_out]), train_data)
+    assert len(val_losses) == 4 and all(math.isfinite(v) for v in val_losses)
+    assert len(result.train_loss) == 4
+    # an optimizer without validation trains on the whole split
+    splits.clear()
+    train(lambda params: torch.optim.SGD(params, lr=0.1), config)
+    assert len(splits[-1]) == len(train_data)
+
+
+@pytest.mark.parametrize("name", ["hd-sgd", "hd-adam", "rtho", "marthe", "HDSGD", "MARTHE"])
+def test_compare_knows_the_hypergradient_recipes_and_has_their_tuned_defaults(name):
+    from gradchain.optimizers import optimizer_name
+
+    (run,) = resolve_runs([name], {})
+    key = optimizer_name(name)
+    assert run.cls is OPTIMIZERS[key] and run.hyperparameters == {
+        **charlm.DEFAULT_HYPERPARAMETERS[key]}

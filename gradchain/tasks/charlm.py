@@ -58,6 +58,8 @@ __all__ = [
     "make_model",
     "lm_loss",
     "default_step",
+    "closure_step",
+    "validation_step",
     "state_bytes",
     "train",
 ]
@@ -114,6 +116,12 @@ DEFAULT_HYPERPARAMETERS: dict[str, dict[str, float]] = {
     "sgd": {"lr": 0.05, "momentum": 0.9},
     "esgd": {"lr": 0.5},  # the class default, 1.0, diverges on this task
     "sm3": {"lr": 0.003},  # 400-step grid: 0.001 2.89, 0.003 2.45, 0.01 2.48, 0.03 2.62, 0.1 2.83
+    # hypergradient methods: a deliberately low start and the best hyper-learning rate of the
+    # 400-step grid of benchmarks/hypergrad.py
+    "hd-sgd": {"lr": 0.02, "momentum": 0.9, "hypergrad_lr": 3e-5},
+    "hd-adam": {"lr": 3e-4, "hypergrad_lr": 3e-7},
+    "rtho": {"lr": 0.02, "hyper_lr": 1e-6},
+    "marthe": {"lr": 0.02, "hyper_lr": 1e-6, "mu": 0.99, "alpha": 0.0},
 }
 
 #: What ``optimizer_factory`` receives: ``(name, parameter)`` pairs, as from
@@ -361,6 +369,29 @@ def closure_step(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimize
     return optimizer.step(closure)
 
 
+def validation_step(val_batches: Iterator[Batch]) -> StepFn:
+    """Steps for optimizers that learn from a validation gradient (``uses_validation``, as
+    RTHO and MARTHE): :func:`closure_step`, plus ``val_closure``, the loss of the next held-out
+    batch at the current parameters."""
+
+    def step(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer) -> Tensor:
+        val_batch = next(val_batches)
+
+        def closure() -> Tensor:
+            optimizer.zero_grad(set_to_none=True)
+            loss = lm_loss(model, batch)
+            loss.backward()
+            return loss
+
+        return optimizer.step(closure, val_closure=lambda: lm_loss(model, val_batch))
+
+    return step
+
+
+def _uses_validation(optimizer: torch.optim.Optimizer) -> bool:
+    return bool(getattr(optimizer, "uses_validation", False))
+
+
 def _uses_curvature(optimizer: torch.optim.Optimizer) -> bool:
     needs_hvp = getattr(optimizer, "needs_hvp", None)
     return callable(needs_hvp) and bool(needs_hvp())
@@ -378,7 +409,9 @@ def _tensors(obj: Any) -> Iterable[Tensor]:
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held by the tensors of ``optimizer.state_dict()["state"]``, each storage once.
+    """Bytes held by the tensors of ``optimizer.state_dict()``, each storage once (the
+    per-parameter ``"state"`` and anything else an optimizer saves, as a mechanized optimizer's
+    ``"mechanic"`` entry).
 
     Example:
         >>> p = nn.Parameter(torch.zeros(10)); opt = torch.optim.Adam([p])
@@ -386,7 +419,7 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
         84
     """
     storages = {}
-    for tensor in _tensors(optimizer.state_dict()["state"]):
+    for tensor in _tensors(optimizer.state_dict()):
         storage = tensor.untyped_storage()
         storages[(storage.device, storage.data_ptr())] = storage.nbytes()
     return sum(storages.values())
@@ -440,9 +473,11 @@ def train(
         config: sizes and schedule; ``None`` means :meth:`TaskConfig.from_env`.
         progress: called after each step as ``progress(step, total_steps, loss)``.
         step_fn: ``step_fn(model, batch, optimizer) -> loss`` replaces the default:
-            :func:`closure_step` for optimizers that use Hessian-vector products (their
-            ``needs_hvp()`` is True at the start), :func:`default_step` otherwise. Build the loss
-            with :func:`lm_loss`.
+            :func:`validation_step` for optimizers that learn from a validation gradient (their
+            ``uses_validation`` is True: the last 10% of the training split is then held out
+            for them and never trained on), :func:`closure_step` for optimizers that use
+            Hessian-vector products (their ``needs_hvp()`` is True at the start),
+            :func:`default_step` otherwise. Build the loss with :func:`lm_loss`.
 
     Example:
         >>> result = train(lambda params: torch.optim.SGD(params, lr=0.1), TaskConfig.small())
@@ -458,6 +493,11 @@ def train(
 
     model = make_model(config)
     optimizer = optimizer_factory(list(model.named_parameters()))
+    if _uses_validation(optimizer):  # its validation data is held out of the training split
+        n_held = max(len(train_data) // 10, config.seq_len + 1)
+        train_data, held_out = train_data[:-n_held], train_data[-n_held:]
+        held_batches = _batches(held_out, config, torch.Generator().manual_seed(config.seed + 2))
+        step_fn = step_fn or validation_step(held_batches)
     step_fn = step_fn or (closure_step if _uses_curvature(optimizer) else default_step)
     opt_times = _timed_opt_steps(optimizer)
     result = TrainResult()
