@@ -20,6 +20,7 @@ from gradchain.core import (
     find_state,
     leaves,
     state_dtype,
+    writable,
     zeros_like_state,
 )
 
@@ -150,23 +151,29 @@ def mechanic_scale(s_decay: float = 0.01, betas: Sequence[float] = DEFAULT_BETAS
         if state.count == 0:
             torch._foreach_copy_(state.x_ref, x)
         scale = state.s.sum()
-        delta = state.delta if store_delta else _recovered_delta(x, state.x_ref, scale, eps)
+        # Delta_t = shift / per_shift: stored, or recovered from shift = x_t - x_ref = (S + eps)
+        # Delta_t with its divisor folded into the scalars
+        shift = state.delta if store_delta else torch._foreach_sub(x, state.x_ref)
+        per_shift = 1.0 if store_delta else scale + eps
         point = x if optax_variant or s_decay == 0 else torch._foreach_add(x, u)
-        h = _inner(g, delta, state.s)
+        h = _inner(g, shift, state.s)
         if s_decay != 0:
             pull = s_decay * scale * _norm(g, state.s) / (_norm(point, state.s) + eps)
-            h = h + pull * _inner(point, delta, state.s)
+            h = h + pull * _inner(point, shift, state.s)
         s, m, v, r = (_optax_tuner if optax_variant else _pytorch_tuner)(
-            h, state, betas_like(state.s), s_init / n, eps)
-        torch._foreach_add_(delta, u)  # delta_{t+1}
+            h / per_shift, state, betas_like(state.s), s_init / n, eps)
         new_scale = s.sum() if optax_variant else s.sum().clamp(min=0)
-        if store_delta:
-            out = torch._foreach_mul(delta, new_scale)
-        else:  # the recovered delta is a temporary: reuse it
-            out = delta
-            torch._foreach_mul_(out, new_scale)
-        torch._foreach_add_(out, state.x_ref)  # x_{t+1}
-        torch._foreach_sub_(out, x)
+        if store_delta:  # x_{t+1} - x_t = S_{t+1} Delta_{t+1} + x_ref - x_t
+            torch._foreach_add_(state.delta, u)
+            out = torch._foreach_mul(state.delta, new_scale)
+            torch._foreach_add_(out, state.x_ref)
+            torch._foreach_sub_(out, x)
+        else:  # x_{t+1} - x_t = S_{t+1} (shift / per_shift + u) - shift
+            out = shift
+            torch._foreach_mul_(out, new_scale / per_shift - 1)
+            step = writable(u, extras)
+            torch._foreach_mul_(step, new_scale)
+            torch._foreach_add_(out, step)
         return as_tree(updates, out), MechanicState(state.count + 1, state.x_ref, state.delta,
                                                     s, m, v, r)
 
@@ -229,14 +236,6 @@ def _inputs(updates: Tree, params: Tree | None, extras: Mapping[str, Any]
     g = [t.detach() for t in leaves(grads)]
     check_dense_real(leaves(updates) + g, "mechanic_scale")
     return [p.detach() for p in leaves(params)], g
-
-
-def _recovered_delta(x: list[Tensor], x_ref: list[Tensor], scale: Tensor, eps: float
-                     ) -> list[Tensor]:
-    """:math:`\\Delta_t = (x_t - x_{ref}) / (S + \\epsilon)`, new tensors in x_ref's dtype."""
-    delta = torch._foreach_sub(x, x_ref)
-    torch._foreach_div_(delta, scale + eps)
-    return delta
 
 
 def _inner(a: list[Tensor], b: list[Tensor], like: Tensor) -> Tensor:
