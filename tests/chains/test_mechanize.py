@@ -107,3 +107,22 @@ def test_options_are_validated_at_once_and_non_transforms_refused():
         mechanize(esgd_m, betas=())
     with pytest.raises(TypeError, match="GradientTransformation or a recipe"):
         mechanize(0.1)
+
+
+def test_top_level_mechanize_dispatches_on_what_it_is_given():
+    import gradchain
+    from gradchain.optimizers import SOAP, Mechanized
+
+    for cls in (torch.optim.SGD, SOAP):
+        mechanized = gradchain.mechanize(cls, s_decay=0.0)
+        assert issubclass(mechanized, cls) and issubclass(mechanized, Mechanized)
+    recipe = gradchain.mechanize(adamw, s_init=1e-7)
+    assert recipe.__name__ == "mechanize_adamw"
+    assert inspect.signature(recipe).parameters["s_init"].default == 1e-7
+    tx = gradchain.mechanize(chain(scale_by_adam(), scale_by_learning_rate(1.0)))
+    assert tx.terminal and torch.equal(_run(tx)[0], _run(mechanize(
+        chain(scale_by_adam(), scale_by_learning_rate(1.0))))[0])
+    with pytest.raises(TypeError, match="GradientTransformation or a recipe"):
+        gradchain.mechanize(3)
+    with pytest.raises(ValueError, match="s_init"):
+        gradchain.mechanize(torch.optim.SGD, s_init=0.0)
