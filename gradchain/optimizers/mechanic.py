@@ -11,7 +11,6 @@ import torch
 from torch import Tensor
 
 from gradchain.core import (
-    GradientTransformation,
     check_dense_real,
     flatten_state,
     merge_state,
@@ -22,8 +21,10 @@ from gradchain.core import (
 from gradchain.optimizers.adapter import _backward_with_graph
 from gradchain.transforms.mechanic import (
     DEFAULT_BETAS,
+    MechanicRule,
     MechanicState,
-    mechanic_scale,
+    _norm,
+    mechanic_rule,
     mechanic_scale_value,
 )
 
@@ -33,10 +34,10 @@ __all__ = ["mechanize", "Mechanized"]
 class Mechanized:
     """The mixin of every class that ``mechanize`` returns (``isinstance(opt, Mechanized)``
     says whether an optimizer is mechanized). It expects a ``torch.optim.Optimizer`` after it
-    in the method resolution order and a class attribute ``_mechanic``, the
-    ``mechanic_scale`` transform."""
+    in the method resolution order and a class attribute ``_rule``, Mechanic's
+    ``MechanicRule``."""
 
-    _mechanic: GradientTransformation
+    _rule: MechanicRule
     _mechanic_state: MechanicState | None = None  # over all parameters, in param-group order
 
     @property
@@ -55,25 +56,37 @@ class Mechanized:
         """
         loss_closure = None if closure is None else self._evaluated_once(closure)
         params = self._all_params()
+        active = [i for i, p in enumerate(params) if p.grad is not None]
+        if not active:
+            return self._base_step()(loss_closure, **kwargs)
+        rule = self._rule
         with torch.no_grad():
             state = self._state_over(params)
-            active = [i for i, p in enumerate(params) if p.grad is not None]
-            x_before = [params[i].detach().clone() for i in active]
-            grads = [params[i].grad.detach().to(state_dtype(params[i]), copy=True)
-                     for i in active]
-            check_dense_real(grads, "mechanize")  # before anything moves
+            part = select_state(state, active)
+            x = [params[i].detach() for i in active]
+            g = [params[i].grad.detach() for i in active]
+            check_dense_real(g, "mechanize")  # before anything moves
+            if part.count == 0:
+                torch._foreach_copy_(part.x_ref, x)
+            x_before = [p.to(state_dtype(p), copy=True) for p in x]
+            # the sums that read the gradient, taken before the base step (which may change
+            # .grad in place): <g, shift> and |g|, shift = x - x_ref (or the stored delta);
+            # the optax variant's decay term reads x_t too
+            optax_point = [x_before] if rule.s_decay and rule.optax else []
+            g_shift, *point_shift = _shift_products(rule, part, [g, *optax_point], x_before)
+            g_norm = _norm(g, part.s) if rule.s_decay else None
         result = self._base_step()(loss_closure, **kwargs)
-        if not active:
-            return result
         with torch.no_grad():
             x_after = [params[i] for i in active]
-            u = torch._foreach_sub([_widened(x) for x in x_after],
-                                   [_widened(x) for x in x_before])
-            out, part = self._mechanic.update(u, select_state(state, active), x_before,
-                                              grads=grads)
-            self._mechanic_state = merge_state(state, part, active)
-            torch._foreach_add_(x_before, out)  # x_{t+1}, rounded once to the parameter dtype
-            torch._foreach_copy_(x_after, x_before)
+            decay_terms = None
+            if rule.s_decay:
+                point = x_before if rule.optax else x_after  # mechanic_pytorch's x_t + u_t
+                if not rule.optax:
+                    point_shift = _shift_products(rule, part, [x_after], x_before)
+                decay_terms = (g_norm, _norm(point, part.s), point_shift[0])
+            new = rule.tune(part, rule.hypergradient(part, g_shift, decay_terms))
+            _write_scaled(rule, part, new, x_before, x_after)
+            self._mechanic_state = merge_state(state, new, active)
         return result
 
     def state_dict(self) -> dict[str, Any]:
@@ -99,7 +112,7 @@ class Mechanized:
         params = self._all_params()
         shared = {key: value for key, value in packed.items() if key != "state"}
         per_param = [packed["state"].get(i, {}) for i in range(len(params))]
-        self._mechanic_state = unflatten_state(self._mechanic.init(params), per_param, shared)
+        self._mechanic_state = unflatten_state(self._rule.init(params), per_param, shared)
 
     # ------------------------------------------------------------------------------------------
 
@@ -111,11 +124,11 @@ class Mechanized:
         x_ref is their value now, before the base step moves them)."""
         state = self._mechanic_state
         if state is None:
-            return self._mechanic.init(params)
+            return self._rule.init(params)
         known = len(state.x_ref)
         if known == len(params):
             return state
-        added = self._mechanic.init(params[known:])
+        added = self._rule.init(params[known:])
         return MechanicState(*(old + new if isinstance(old, list) else old
                                for old, new in zip(state, added)))
 
@@ -167,11 +180,10 @@ def mechanize(optimizer_class: type[torch.optim.Optimizer], *, s_decay: float = 
     is the current S, for logging.
 
     Memory: one parameter-sized buffer persists beyond the base's state, x_ref (two with
-    ``store_delta=True``). During a step, the parameters that have gradients are copied three
-    times (the parameters before the base step, the gradients, which the base may change in
-    place, and the displacement u; 16-bit ones are also widened to float32), and Mechanic's
-    update makes one more (its output) or, for the pytorch variant with ``s_decay > 0``, two
-    (x + u), all released after the step.
+    ``store_delta=True``). During a step, the parameters that have gradients are copied once
+    (the parameters before the base step, widened to float32 if 16-bit); the sums that read the
+    gradients are taken before the base step, so the gradients are not copied, and the rest
+    works one parameter at a time with temporaries of that parameter's size.
 
     The class is named ``"Mechanized" + optimizer_class.__name__`` and is also an instance of
     ``Mechanized``.
@@ -190,16 +202,41 @@ def mechanize(optimizer_class: type[torch.optim.Optimizer], *, s_decay: float = 
     if issubclass(optimizer_class, Mechanized):
         raise ValueError(f"{optimizer_class.__name__} is already mechanized: Mechanic must "
                          "wrap a base optimizer, not another Mechanic")
-    tuner = mechanic_scale(s_decay=s_decay, betas=betas, s_init=s_init, eps=eps,
-                           store_delta=store_delta, variant=variant)
+    rule = mechanic_rule(s_decay, betas, s_init, eps, store_delta, variant)
     name = f"Mechanized{optimizer_class.__name__}"
     doc = (f"``{optimizer_class.__name__}`` under Mechanic's learned scale "
            f"(``gradchain.optimizers.mechanic.mechanize``, variant {variant!r}).")
     return type(name, (Mechanized, optimizer_class),
-                {"_mechanic": tuner, "__doc__": doc, "__module__": __name__,
+                {"_rule": rule, "__doc__": doc, "__module__": __name__,
                  "__qualname__": name})
 
 
-def _widened(tensor: Tensor) -> Tensor:
-    """``tensor`` in its state dtype (float32 for 16-bit parameters)."""
-    return tensor.to(state_dtype(tensor))
+def _shift_products(rule: MechanicRule, state: MechanicState, vectors: list[list[Tensor]],
+                    x: list[Tensor]) -> list[Tensor]:
+    r""":math:`\langle a, \text{shift}\rangle` for every list a of ``vectors``, with shift =
+    x - x_ref formed one parameter at a time (or the stored delta), in the scalars' dtype."""
+    sums: list[list[Tensor]] = [[] for _ in vectors]
+    like = state.s
+    for i, (xi, ref) in enumerate(zip(x, state.x_ref)):
+        shift = (state.delta[i] if rule.store_delta else xi - ref).reshape(-1).to(like.dtype)
+        for total, a in zip(sums, vectors):
+            total.append(torch.dot(a[i].reshape(-1).to(like.dtype), shift).to(like.device))
+    return [torch.stack(total).sum() for total in sums]
+
+
+def _write_scaled(rule: MechanicRule, state: MechanicState, new: MechanicState,
+                  x_before: list[Tensor], x_after: list[Tensor]) -> None:
+    r"""Set the parameters to :math:`x_{t+1} = x_t + c\,\text{shift} + S_{t+1} u` (recovered
+    Δ) or :math:`x_{ref} + S_{t+1}\Delta_{t+1}` (stored Δ), u = x_after - x_before, one
+    parameter at a time; each is rounded once to the parameter's dtype."""
+    new_scale = rule.scale(new)
+    c = None if rule.store_delta else rule.shift_coefficient(state, new_scale)
+    for i, (before, after) in enumerate(zip(x_before, x_after)):
+        u = after.to(before.dtype) - before
+        if rule.store_delta:
+            state.delta[i].add_(u)
+            # as the chain rounds it: x + ((S Delta + x_ref) - x)
+            target = (state.delta[i] * new_scale).add_(state.x_ref[i]).sub_(before).add_(before)
+        else:
+            target = (before - state.x_ref[i]).mul_(c).add_(u.mul_(new_scale)).add_(before)
+        after.copy_(target)

@@ -24,7 +24,8 @@ from gradchain.core import (
     zeros_like_state,
 )
 
-__all__ = ["MechanicState", "mechanic_scale", "mechanic_scale_value", "DEFAULT_BETAS"]
+__all__ = ["MechanicState", "MechanicRule", "mechanic_rule", "mechanic_scale",
+           "mechanic_scale_value", "DEFAULT_BETAS"]
 
 #: The decays of the n coin-betting learners: 1 - 10^-i, i = 1..6 (both references).
 DEFAULT_BETAS = (0.9, 0.99, 0.999, 0.9999, 0.99999, 0.999999)
@@ -41,6 +42,64 @@ class MechanicState(NamedTuple):
     m: Tensor  # (n,) running maximum of |h|
     v: Tensor  # (n,) discounted sum of h^2
     r: Tensor  # (n,) reward
+
+
+class MechanicRule(NamedTuple):
+    """Mechanic's configuration and its steps on the scalars, shared by ``mechanic_scale`` and
+    the ``torch.optim`` wrapper (``optimizers.mechanic.mechanize``), which gather the global
+    sums in different orders around the base step."""
+
+    s_decay: float
+    betas: tuple[float, ...]
+    s_init: float
+    eps: float
+    store_delta: bool
+    optax: bool  # the optax variant, else mechanic_pytorch's
+
+    def init(self, params: Tree) -> MechanicState:
+        x = [p.detach() for p in leaves(params)]
+        dtype = _scalar_dtype(x)
+        device = x[0].device if x else None
+        n = len(self.betas)
+        x_ref = [p.to(state_dtype(p), copy=True) for p in x]
+        delta = zeros_like_state(x) if self.store_delta else None
+        s = torch.full((n,), self.s_init if self.optax else 0.0, dtype=dtype, device=device)
+        m = torch.full((n,), 0.0 if self.optax else _PYTORCH_INITIAL_M, dtype=dtype,
+                       device=device)
+        zeros = torch.zeros(n, dtype=dtype, device=device)
+        return MechanicState(0, x_ref, delta, s, m, v=zeros, r=zeros.clone())
+
+    def per_shift(self, state: MechanicState) -> Tensor | float:
+        """The divisor of the shift x - x_ref that gives Δ (S + ε), or 1 for a stored Δ."""
+        return 1.0 if self.store_delta else state.s.sum() + self.eps
+
+    def hypergradient(self, state: MechanicState, g_shift: Tensor,
+                      decay_terms: tuple[Tensor, Tensor, Tensor] | None) -> Tensor:
+        r""":math:`h = \langle g + \lambda S \frac{\|g\|}{\|x\| + \epsilon} x, \Delta
+        \rangle` from the sums over the shift: ``g_shift`` = <g, shift> and, with λ > 0,
+        ``decay_terms`` = (|g|, |x|, <x, shift>) (x: the variant's point)."""
+        h = g_shift
+        if decay_terms is not None:
+            g_norm, point_norm, point_shift = decay_terms
+            pull = self.s_decay * state.s.sum() * g_norm / (point_norm + self.eps)
+            h = h + pull * point_shift
+        return h / self.per_shift(state)
+
+    def tune(self, state: MechanicState, h: Tensor) -> MechanicState:
+        """The learners' step from h: the next state, with the same x_ref and Δ."""
+        key = (state.s.dtype, state.s.device)
+        beta = torch.tensor(self.betas, dtype=key[0], device=key[1])
+        tuner = _optax_tuner if self.optax else _pytorch_tuner
+        s, m, v, r = tuner(h, state, beta, self.s_init / len(self.betas), self.eps)
+        return MechanicState(state.count + 1, state.x_ref, state.delta, s, m, v, r)
+
+    def scale(self, state: MechanicState) -> Tensor:
+        """S = sum(s) (clamped at 0 in the pytorch variant)."""
+        return state.s.sum() if self.optax else state.s.sum().clamp(min=0)
+
+    def shift_coefficient(self, state: MechanicState, new_scale: Tensor) -> Tensor:
+        r"""c in :math:`x_{t+1} - x_t = c\,\text{shift} + S_{t+1} u` (recovered Δ)."""
+        return new_scale / self.per_shift(state) - 1
 
 
 def mechanic_scale(s_decay: float = 0.01, betas: Sequence[float] = DEFAULT_BETAS,
@@ -115,32 +174,8 @@ def mechanic_scale(s_decay: float = 0.01, betas: Sequence[float] = DEFAULT_BETAS
         >>> round(mechanic_scale_value(state), 9)
         1e-06
     """
-    check_constant("mechanic_scale", s_decay=s_decay, s_init=s_init, eps=eps)
-    check_choice("variant", variant, VARIANTS)
-    betas = _checked_betas(betas)
-    s_init = _DEFAULT_S_INIT[variant] if s_init is None else s_init
-    _check_options(s_decay, s_init, eps, store_delta)
-    optax_variant = variant == "optax"
-    n = len(betas)
-    beta_tensors: dict[tuple[torch.dtype, torch.device], Tensor] = {}  # constants, per device
-
-    def betas_like(s: Tensor) -> Tensor:
-        key = (s.dtype, s.device)
-        if key not in beta_tensors:
-            beta_tensors[key] = torch.tensor(betas, dtype=s.dtype, device=s.device)
-        return beta_tensors[key]
-
-    def init(params: Tree) -> MechanicState:
-        x = [p.detach() for p in leaves(params)]
-        dtype = _scalar_dtype(x)
-        device = x[0].device if x else None
-        x_ref = [p.to(state_dtype(p), copy=True) for p in x]
-        delta = zeros_like_state(x) if store_delta else None
-        s = torch.full((n,), s_init if optax_variant else 0.0, dtype=dtype, device=device)
-        m = torch.full((n,), 0.0 if optax_variant else _PYTORCH_INITIAL_M, dtype=dtype,
-                       device=device)
-        zeros = torch.zeros(n, dtype=dtype, device=device)
-        return MechanicState(0, x_ref, delta, s, m, v=zeros, r=zeros.clone())
+    rule = mechanic_rule(s_decay, betas, s_init, eps, store_delta, variant)
+    store_delta, s_decay = rule.store_delta, rule.s_decay
 
     def update(updates: Tree, state: MechanicState, params: Tree | None = None,
                **extras: Any) -> tuple[Tree, MechanicState]:
@@ -150,19 +185,14 @@ def mechanic_scale(s_decay: float = 0.01, betas: Sequence[float] = DEFAULT_BETAS
             return updates, state._replace(count=state.count + 1)
         if state.count == 0:
             torch._foreach_copy_(state.x_ref, x)
-        scale = state.s.sum()
         # Delta_t = shift / per_shift: stored, or recovered from shift = x_t - x_ref = (S + eps)
         # Delta_t with its divisor folded into the scalars
         shift = state.delta if store_delta else torch._foreach_sub(x, state.x_ref)
-        per_shift = 1.0 if store_delta else scale + eps
-        point = x if optax_variant or s_decay == 0 else torch._foreach_add(x, u)
-        h = _inner(g, shift, state.s)
-        if s_decay != 0:
-            pull = s_decay * scale * _norm(g, state.s) / (_norm(point, state.s) + eps)
-            h = h + pull * _inner(point, shift, state.s)
-        s, m, v, r = (_optax_tuner if optax_variant else _pytorch_tuner)(
-            h / per_shift, state, betas_like(state.s), s_init / n, eps)
-        new_scale = s.sum() if optax_variant else s.sum().clamp(min=0)
+        point = x if rule.optax else torch._foreach_add(x, u)
+        decay_terms = (_norm(g, state.s), _norm(point, state.s),
+                       _inner(point, shift, state.s)) if s_decay else None
+        new = rule.tune(state, rule.hypergradient(state, _inner(g, shift, state.s), decay_terms))
+        new_scale = rule.scale(new)
         if store_delta:  # x_{t+1} - x_t = S_{t+1} Delta_{t+1} + x_ref - x_t
             torch._foreach_add_(state.delta, u)
             out = torch._foreach_mul(state.delta, new_scale)
@@ -170,14 +200,27 @@ def mechanic_scale(s_decay: float = 0.01, betas: Sequence[float] = DEFAULT_BETAS
             torch._foreach_sub_(out, x)
         else:  # x_{t+1} - x_t = S_{t+1} (shift / per_shift + u) - shift
             out = shift
-            torch._foreach_mul_(out, new_scale / per_shift - 1)
+            torch._foreach_mul_(out, rule.shift_coefficient(state, new_scale))
             step = writable(u, extras)
             torch._foreach_mul_(step, new_scale)
             torch._foreach_add_(out, step)
-        return as_tree(updates, out), MechanicState(state.count + 1, state.x_ref, state.delta,
-                                                    s, m, v, r)
+        return as_tree(updates, out), new
 
-    return GradientTransformation(init, update, terminal=True)
+    return GradientTransformation(rule.init, update, terminal=True)
+
+
+def mechanic_rule(s_decay: float = 0.01, betas: Sequence[float] = DEFAULT_BETAS,
+                  s_init: float | None = None, eps: float = 1e-8, store_delta: bool = False,
+                  variant: str = "optax") -> MechanicRule:
+    """The checked ``MechanicRule`` of ``mechanic_scale``'s options (see there); a
+    ``ValueError`` names any option out of range."""
+    check_constant("mechanic_scale", s_decay=s_decay, s_init=s_init, eps=eps)
+    check_choice("variant", variant, VARIANTS)
+    betas = _checked_betas(betas)
+    s_init = _DEFAULT_S_INIT[variant] if s_init is None else s_init
+    _check_options(s_decay, s_init, eps, store_delta)
+    return MechanicRule(float(s_decay), betas, float(s_init), float(eps), store_delta,
+                        variant == "optax")
 
 
 def mechanic_scale_value(state: Any) -> float:

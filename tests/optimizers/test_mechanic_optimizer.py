@@ -299,3 +299,37 @@ def test_mechanize_refuses_what_it_cannot_wrap():
         mechanize(mechanize(torch.optim.SGD))
     with pytest.raises(ValueError, match="s_init must be > 0"):
         mechanize(torch.optim.SGD, s_init=0.0)
+
+
+def test_a_base_that_changes_grad_in_place_does_not_change_what_mechanic_sees():
+    class HalvingSGD(torch.optim.Optimizer):
+        """SGD that halves .grad in place before using it."""
+
+        def __init__(self, params, lr):
+            super().__init__(params, {"lr": lr})
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.grad.mul_(0.5)
+                    p.add_(p.grad, alpha=-group["lr"])
+
+    def trained(cls, lr):
+        torch.manual_seed(3)
+        model = torch.nn.Linear(8, 1)
+        opt = mechanize(cls)(model.parameters(), lr=lr)
+        _train(model, opt, 30)
+        return _flat(model.parameters()), opt.scale
+
+    halving, halving_scale = trained(HalvingSGD, 0.2)
+    plain, plain_scale = trained(torch.optim.SGD, 0.1)
+    assert torch.equal(halving, plain) and halving_scale == plain_scale
+
+
+def test_a_step_without_any_gradient_runs_the_base_and_keeps_no_state():
+    model = torch.nn.Linear(3, 1)
+    opt = mechanize(torch.optim.SGD)(model.parameters(), lr=1.0)
+    before = _flat(model.parameters())
+    opt.step()
+    assert opt.scale is None and torch.equal(_flat(model.parameters()), before)
