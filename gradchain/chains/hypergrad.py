@@ -121,7 +121,7 @@ def marthe(learning_rate: float, hyper_lr: float = 1e-8, mu: float | str = 0.999
 
     The training dynamics (``dynamics``: ``"sgd"``, ``"sgd_momentum"`` or ``"adam"``, L2 weight
     decay) run inside ``hypergrad_lr(mode="marthe")``, which documents the exact tangents. μ in
-    [0, 1) is a fixed discount (the README suggests 0.99-0.999), 1 is RTHO (``rtho``), 0 a
+    [0, 1) is a fixed discount (AdaTune suggests 0.99-0.999), 1 is RTHO (``rtho``), 0 a
     one-step hypergradient (HD with the validation gradient); μ in (-1, 0) or "auto" adapts it.
     α = 0 freezes β. Extras: ``val_grads`` from the second call on, ``hvp`` when μ > 0 and not
     ``first_order`` (``needs_hvp``). Defaults are AdaTune's command line: hyper_lr 1e-8, mu
