@@ -240,7 +240,10 @@ class ChainOptimizer(torch.optim.Optimizer):
                 tx = self._transform(index)[0]
                 for name, p in zip(self._names(group), group["params"]):
                     if p.grad is not None:
-                        _check_gradient(name, p, tx.accepts_sparse, curvature[index])
+                        _check_gradient(name, p, tx.accepts_sparse)
+            if closure is None and any(curvature):
+                _check_graph([p for group, needs in zip(self.param_groups, curvature) if needs
+                              for p in group["params"] if p.grad is not None])
             for index, group in enumerate(self.param_groups):
                 self._step_group(index, group, loss, curvature[index], per_group[index])
         finally:
@@ -492,7 +495,7 @@ def _widen(grad: Tensor) -> Tensor:
     return grad.float() if grad.dtype in _LOW_PRECISION else grad
 
 
-def _check_gradient(name: str, param: Tensor, accepts_sparse: bool, curvature: bool) -> None:
+def _check_gradient(name: str, param: Tensor, accepts_sparse: bool) -> None:
     grad = param.grad
     assert grad is not None
     if grad.shape != param.shape:
@@ -501,11 +504,18 @@ def _check_gradient(name: str, param: Tensor, accepts_sparse: bool, curvature: b
     if grad.layout != torch.strided and not accepts_sparse:
         raise ValueError(f"parameter {name!r} has a sparse gradient; this optimizer needs dense "
                          "gradients (e.g. nn.Embedding(sparse=False))")
-    if curvature and grad.grad_fn is None:
+
+
+def _check_graph(params: list[Tensor]) -> None:
+    """On a step with Hessian-vector products and no closure, some gradient must carry its
+    graph (``backward(create_graph=True)``). A gradient without one is then constant in the
+    parameters, and its rows of H are zero (as with a closure, which the optimizer runs with
+    the graph)."""
+    if params and not any(p.grad.grad_fn is not None for p in params):
         raise ValueError(
-            f"this step uses Hessian-vector products, but the gradient of {name!r} has no graph: "
-            "call loss.backward(create_graph=True) on steps where optimizer.needs_hvp() is "
-            "True, or pass a closure to step() and the optimizer runs it with the graph")
+            "this step uses Hessian-vector products, but no gradient has its graph: call "
+            "loss.backward(create_graph=True) on steps where optimizer.needs_hvp() is True, or "
+            "pass a closure to step() and the optimizer runs it with the graph")
 
 
 @contextmanager
@@ -534,12 +544,17 @@ def _hvp(names: list[str], params: list[Tensor]) -> Callable[[dict[str, Tensor]]
                                                               dict[str, Tensor]]:
     """``v -> H v`` for the loss whose gradients (with their graph) are in ``p.grad``."""
     grads = [p.grad for p in params]
+    # a gradient without a graph is constant in the parameters: it adds nothing to H v
+    graphed = [i for i, g in enumerate(grads) if g.grad_fn is not None]
 
     def hvp(v: dict[str, Tensor]) -> dict[str, Tensor]:
-        outputs = [v[n].to(g.dtype) for n, g in zip(names, grads)]
-        with torch.enable_grad():
-            products = torch.autograd.grad(grads, params, grad_outputs=outputs,
-                                           retain_graph=True, allow_unused=True)
+        products: Sequence[Tensor | None] = [None] * len(params)
+        if graphed:
+            outputs = [v[names[i]].to(grads[i].dtype) for i in graphed]
+            with torch.enable_grad():
+                products = torch.autograd.grad([grads[i] for i in graphed], params,
+                                               grad_outputs=outputs, retain_graph=True,
+                                               allow_unused=True)
         return {n: torch.zeros_like(v[n]) if h is None else h.detach().to(v[n].dtype)
                 for n, h in zip(names, products)}
 

@@ -158,3 +158,31 @@ def test_sparse_gradients_are_refused_by_dense_recipes():
     embedding(torch.tensor([1])).sum().backward()
     with pytest.raises(ValueError, match="sparse"):
         optimizer.step()
+
+
+@pytest.mark.parametrize("use_closure", [True, False])
+def test_a_gradient_constant_in_the_parameters_has_zero_hessian_rows(use_closure):
+    """loss = x^T A x / 2 + c.b + 0 * e: b's and e's gradients carry no graph (they do not
+    depend on the parameters), so H v is A v_x for x and 0 for b and e, and the step runs."""
+    x = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    b = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    e = torch.nn.Parameter(torch.zeros(0, dtype=torch.float64))
+    optimizer = ChainOptimizer([x, b, e], chain(probe_every_other_step(),
+                                                scale_by_learning_rate(0.1)))
+    c = torch.tensor([3.0, -1.0], dtype=torch.float64)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = _loss(x) + c @ b + e.sum()
+        loss.backward(create_graph=not use_closure)
+        return loss
+
+    if use_closure:
+        optimizer.step(closure)
+    else:
+        closure()
+        optimizer.step()
+    hx, hb, he = optimizer.chain_state()[0].products
+    torch.testing.assert_close(hx, A @ torch.ones(3, dtype=torch.float64))
+    assert torch.equal(hb, torch.zeros(2, dtype=torch.float64)) and he.shape == (0,)
+    torch.testing.assert_close(b.detach(), torch.ones(2, dtype=torch.float64) - 0.1 * c)
