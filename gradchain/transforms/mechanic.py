@@ -188,7 +188,7 @@ def mechanic_scale(s_decay: float = 0.01, betas: Sequence[float] = DEFAULT_BETAS
         # Delta_t = shift / per_shift: stored, or recovered from shift = x_t - x_ref = (S + eps)
         # Delta_t with its divisor folded into the scalars
         shift = state.delta if store_delta else torch._foreach_sub(x, state.x_ref)
-        point = x if rule.optax else torch._foreach_add(x, u)
+        point = x if rule.optax or not s_decay else torch._foreach_add(x, u)
         decay_terms = (_norm(g, state.s), _norm(point, state.s),
                        _inner(point, shift, state.s)) if s_decay else None
         new = rule.tune(state, rule.hypergradient(state, _inner(g, shift, state.s), decay_terms))
