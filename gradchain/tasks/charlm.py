@@ -359,14 +359,18 @@ def closure_step(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimize
     """One step through a closure, for optimizers that use Hessian-vector products: the
     optimizer runs the closure and builds the double-backward graph on the steps that need it.
     """
+    return optimizer.step(_training_closure(model, batch, optimizer))
 
+
+def _training_closure(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer
+                      ) -> Callable[[], Tensor]:
     def closure() -> Tensor:
         optimizer.zero_grad(set_to_none=True)
         loss = lm_loss(model, batch)
         loss.backward()
         return loss
 
-    return optimizer.step(closure)
+    return closure
 
 
 def validation_step(val_batches: Iterator[Batch]) -> StepFn:
@@ -376,14 +380,8 @@ def validation_step(val_batches: Iterator[Batch]) -> StepFn:
 
     def step(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer) -> Tensor:
         val_batch = next(val_batches)
-
-        def closure() -> Tensor:
-            optimizer.zero_grad(set_to_none=True)
-            loss = lm_loss(model, batch)
-            loss.backward()
-            return loss
-
-        return optimizer.step(closure, val_closure=lambda: lm_loss(model, val_batch))
+        return optimizer.step(_training_closure(model, batch, optimizer),
+                              val_closure=lambda: lm_loss(model, val_batch))
 
     return step
 

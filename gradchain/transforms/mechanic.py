@@ -3,6 +3,7 @@ learned global scale for the displacement of any base optimizer (ALGORITHMS.md Â
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -87,8 +88,7 @@ class MechanicRule(NamedTuple):
 
     def tune(self, state: MechanicState, h: Tensor) -> MechanicState:
         """The learners' step from h: the next state, with the same x_ref and Î”."""
-        key = (state.s.dtype, state.s.device)
-        beta = torch.tensor(self.betas, dtype=key[0], device=key[1])
+        beta = _beta_tensor(self.betas, state.s.dtype, state.s.device)
         tuner = _optax_tuner if self.optax else _pytorch_tuner
         s, m, v, r = tuner(h, state, beta, self.s_init / len(self.betas), self.eps)
         return MechanicState(state.count + 1, state.x_ref, state.delta, s, m, v, r)
@@ -292,6 +292,12 @@ def _norm(a: list[Tensor], like: Tensor) -> Tensor:
     """The global 2-norm of ``a``, accumulated in ``like``'s dtype, on its device."""
     norms = torch._foreach_norm(a, 2, dtype=like.dtype)
     return torch.linalg.vector_norm(torch.stack([n.to(like.device) for n in norms]))
+
+
+@functools.lru_cache(maxsize=None)
+def _beta_tensor(betas: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The decays as a tensor, made once per (betas, dtype, device), not on every step."""
+    return torch.tensor(betas, dtype=dtype, device=device)
 
 
 def _scalar_dtype(params: list[Tensor]) -> torch.dtype:

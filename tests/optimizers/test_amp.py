@@ -8,22 +8,10 @@ import copy
 
 import pytest
 import torch
+from recipes import ALL, NEEDS_MORE_THAN_GRADS, make
 
-import gradchain
-from gradchain.optimizers import OPTIMIZERS
-from gradchain.tasks.charlm import DEFAULT_HYPERPARAMETERS
-
-# ESGD steps through a closure (GradScaler.step takes none); RTHO and MARTHE also need a
-# validation gradient per step
-NEEDS_MORE_THAN_GRADS = {"esgd", "rtho", "marthe"}
-NAMES = [name for name in OPTIMIZERS if name not in NEEDS_MORE_THAN_GRADS]
-
-
-def make(name: str, params):
-    if name == "mechanize:sgd":
-        return gradchain.mechanize(torch.optim.SGD)(params, lr=1.0, momentum=0.9)
-    hyperparameters = {"lr": 1e-3, **DEFAULT_HYPERPARAMETERS.get(name, {})}
-    return OPTIMIZERS[name](params, **hyperparameters)
+# GradScaler.step passes no closure and no validation gradient
+NAMES = [name for name in ALL if name not in NEEDS_MORE_THAN_GRADS]
 
 
 def model_and_data():
@@ -54,7 +42,7 @@ def flat_state(optimizer) -> list[torch.Tensor]:
     return tensors
 
 
-@pytest.mark.parametrize("name", [*NAMES, "mechanize:sgd"])
+@pytest.mark.parametrize("name", NAMES)
 def test_grad_scaler_steps_equal_unscaled_steps_and_inf_steps_are_skipped(name):
     model, x, y = model_and_data()
     twin = copy.deepcopy(model)

@@ -11,14 +11,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-import gradchain
-from gradchain.optimizers import OPTIMIZERS
-from gradchain.tasks.charlm import DEFAULT_HYPERPARAMETERS
+from recipes import ALL, NEEDS_MORE_THAN_GRADS, make
 
 # curvature and validation steps need the double-backward graph, which DDP does not reduce
-SINGLE_PROCESS_ONLY = {"esgd", "rtho", "marthe"}
-NAMES = [name for name in OPTIMIZERS if name not in SINGLE_PROCESS_ONLY] + ["mechanize:sgd"]
+NAMES = [name for name in ALL if name not in NEEDS_MORE_THAN_GRADS]
 # SOAP's Adam in the eigenbasis normalises the round-off that lands in the null directions of
 # a rank-deficient Gram matrix (an 8 x 6 gradient's 8 x 8 Gram has two): the order of DDP's
 # all-reduce moves those steps by up to ~lr, so against one process only the ranks are compared
@@ -28,12 +24,6 @@ WORLD = 2
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")]
-
-
-def make(name: str, params):
-    if name == "mechanize:sgd":
-        return gradchain.mechanize(torch.optim.SGD)(params, lr=1.0, momentum=0.9)
-    return OPTIMIZERS[name](params, **{"lr": 1e-3, **DEFAULT_HYPERPARAMETERS.get(name, {})})
 
 
 def model_and_batches():

@@ -7,41 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import gradchain
-from gradchain.optimizers import OPTIMIZERS, AdamW
-from gradchain.tasks.charlm import DEFAULT_HYPERPARAMETERS
-
-VALIDATED = {"rtho", "marthe"}
-NAMES = [*OPTIMIZERS, "mechanize:sgd", "mechanize:adamw"]
+from recipes import ALL, make, step
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning")
-
-
-def make(name: str, params, store_delta: bool = False):
-    """``store_delta`` for Mechanic on bfloat16, whose first steps are below bf16's spacing."""
-    if name == "mechanize:sgd":
-        return gradchain.mechanize(torch.optim.SGD, store_delta=store_delta)(
-            params, lr=1.0, momentum=0.9)
-    if name == "mechanize:adamw":
-        return gradchain.mechanize(AdamW, store_delta=store_delta)(params, lr=1.0,
-                                                                   weight_decay=0.01)
-    hyperparameters = {"lr": 1e-3, **DEFAULT_HYPERPARAMETERS.get(name, {})}
-    if name == "esgd":
-        hyperparameters.update(d_warmup=1, update_d_every=2)
-    return OPTIMIZERS[name](params, **hyperparameters)
-
-
-def step(name, optimizer, loss_fn, set_to_none: bool = True):
-    def closure():
-        optimizer.zero_grad(set_to_none=set_to_none)
-        loss = loss_fn()
-        loss.backward()
-        return loss
-
-    if name in VALIDATED:
-        return optimizer.step(closure, val_closure=loss_fn)
-    return optimizer.step(closure)
 
 
 def linear_problem(dtype=torch.float32):
@@ -53,7 +21,7 @@ def linear_problem(dtype=torch.float32):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ALL)
 def test_float64_and_bfloat16_parameters_train_in_their_dtype(name, dtype):
     w, b, loss_fn = linear_problem(dtype)
     start = w.detach().clone()
@@ -64,7 +32,7 @@ def test_float64_and_bfloat16_parameters_train_in_their_dtype(name, dtype):
     assert not torch.equal(w.detach(), start), f"{name} did not move {dtype} parameters"
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ALL)
 def test_a_zero_size_parameter_is_carried_along(name):
     w, b, loss_fn = linear_problem()
     empty = torch.nn.Parameter(torch.zeros(0, 3))
@@ -74,7 +42,7 @@ def test_a_zero_size_parameter_is_carried_along(name):
     assert empty.shape == (0, 3) and torch.isfinite(w).all()
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ALL)
 def test_a_parameter_without_gradient_does_not_move_on_that_step(name):
     w, b, loss_fn = linear_problem()
     extra = torch.nn.Parameter(torch.full((6, 4), 0.1))
@@ -92,7 +60,7 @@ def test_a_parameter_without_gradient_does_not_move_on_that_step(name):
     assert torch.isfinite(extra).all() and torch.isfinite(w).all()
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ALL)
 def test_all_zero_gradients_keep_everything_finite(name):
     w, b, _ = linear_problem()
     optimizer = make(name, [w, b])
@@ -101,7 +69,7 @@ def test_all_zero_gradients_keep_everything_finite(name):
     assert torch.isfinite(w).all() and torch.isfinite(b).all()
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ALL)
 def test_groups_added_mid_training_under_a_scheduler(name):
     w, b, loss_fn = linear_problem()
     c = torch.nn.Parameter(torch.full((4,), 0.5))
@@ -122,14 +90,14 @@ def test_groups_added_mid_training_under_a_scheduler(name):
     assert all(torch.isfinite(p).all() for p in (w, b, c))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ALL)
 def test_zero_grad_without_set_to_none_gives_the_same_run(name):
     runs = []
     for set_to_none in (True, False):
         w, b, loss_fn = linear_problem()
         optimizer = make(name, [w, b])
         for _ in range(4):
-            step(name, optimizer, loss_fn, set_to_none)
+            step(name, optimizer, loss_fn, set_to_none=set_to_none)
         runs.append(torch.cat([w.detach().reshape(-1), b.detach()]))
     assert torch.equal(*runs)
 
