@@ -414,8 +414,8 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_skips: int = 
 
     The check runs before ``inner`` (which may update its state in place), costs one host
     synchronisation per step, and outputs zeros on a skipped step. After
-    ``max_consecutive_skips`` skipped steps in a row, the next non-finite step raises
-    ``FloatingPointError``, since training is then stuck. The skip counters are in the state.
+    ``max_consecutive_skips`` (default 10) skipped steps in a row, the next non-finite step
+    raises ``FloatingPointError``, since training is then stuck. The skip counters are in the state.
 
     Example:
         >>> from gradchain.transforms import scale_by_adam

@@ -41,7 +41,8 @@ def esgd_m(learning_rate: Hyper = 1.0, betas: tuple[float, float] = (0.9, 0.999)
     :math:`1-\rho^t` (63% at t = 100, 95% at t = 300 for ρ = 0.99; ρ = 0 turns it off)
     multiplies any schedule of ``learning_rate``. With eps = 0 and no weight decay, rescaling
     the loss or the parameters leaves the trajectory unchanged. Learning rates are relative to a
-    Newton-like step: try 1e-3 to 1.
+    Newton-like step: try 1e-3 to 1. Defaults η 1.0, betas (0.9, 0.999), v None, ρ 0.99,
+    eps 1e-4, λ 0, update_d_every 10, d_warmup 20.
 
     Needs the ``hvp`` extra on curvature steps (``needs_hvp``; with an optimizer, call
     ``loss.backward(create_graph=True)`` or pass a closure). Members: ``momentum``

@@ -160,6 +160,7 @@ def palm_sfadamw(learning_rate: Hyper = 0.0025, b1: float = 0.9, beta2_scale: fl
                  ) -> GradientTransformation:
     r"""``sfadamw`` with PaLM's :math:`\beta_2(k) = 1 - k^{-\gamma}` (``PaLMForeachSFAdamW``),
     γ = ``beta2_scale`` (0.8); ``heavyball_debias`` reproduces HeavyBall's debiasing of it.
+    Defaults η 0.0025, β₁ 0.9, γ 0.8, eps 1e-8, λ 0, W 0, r 0, p 2, heavyball_debias False.
 
     Example:
         >>> tx = palm_sfadamw(1e-3)
@@ -204,7 +205,8 @@ def palm_soap(learning_rate: Hyper = 3e-3, b1: Hyper = 0.9, beta2_scale: float =
               precondition_1d: bool = False, normalize_grads: bool = False,
               warmup_steps: int = 1, heavyball_debias: bool = False) -> GradientTransformation:
     r"""``soap`` with PaLM's :math:`\beta_2(k) = 1 - k^{-\gamma}` for the second moment and the
-    Gram EMA (``PaLMForeachSOAP``), γ = ``beta2_scale`` (0.8).
+    Gram EMA (``PaLMForeachSOAP``), γ = ``beta2_scale`` (0.8). Other defaults as ``soap``
+    (η 3e-3, β₁ 0.9, eps 1e-8, λ 0.01, refresh every 2, W 1), heavyball_debias False.
 
     Example:
         >>> tx = palm_soap(3e-3)
@@ -223,7 +225,8 @@ def precond_schedule_soap(learning_rate: Hyper = 3e-3, b1: Hyper = 0.9, b2: Hype
                           warmup_steps: int = 1) -> GradientTransformation:
     r"""``soap`` refreshing its bases on the schedule :math:`f(k) = 1 + (a \log_{10} k)^b`
     (``PrecondScheduleForeachSOAP``; (a, b) = ``precond_scheduler`` = (1/3, 9)): nearly every
-    step early on, every 2 at k = 1000, every 513 at 10⁶.
+    step early on, every 2 at k = 1000, every 513 at 10⁶. Other defaults as ``soap`` (η 3e-3,
+    betas (0.9, 0.95), eps 1e-8, λ 0.01, W 1).
 
     Example:
         >>> tx = precond_schedule_soap(3e-3)
@@ -242,7 +245,8 @@ def precond_schedule_palm_soap(learning_rate: Hyper = 3e-3, b1: Hyper = 0.9,
                                warmup_steps: int = 1, heavyball_debias: bool = False
                                ) -> GradientTransformation:
     r"""``palm_soap`` on the preconditioner schedule (``PrecondSchedulePaLMForeachSOAP``, the
-    HeavyBall README's recommended optimizer).
+    HeavyBall README's recommended optimizer), (a, b) = ``precond_scheduler`` = (1/3, 9). Other
+    defaults as ``palm_soap`` (η 3e-3, β₁ 0.9, γ 0.8, eps 1e-8, λ 0.01, W 1).
 
     Example:
         >>> tx = precond_schedule_palm_soap(3e-3)
@@ -297,7 +301,9 @@ def precond_schedule_sf_palm_soap(learning_rate: Hyper = 3e-3, b1: float = 0.9,
                                   warmup_steps: int = 1, r: float = 0.0,
                                   weight_lr_power: float = 2.0, gradient_clip_val: float = 0.1,
                                   heavyball_debias: bool = False) -> GradientTransformation:
-    r"""``sf_palm_soap`` on the preconditioner schedule (``PrecondScheduleSFPaLMForeachSOAP``).
+    r"""``sf_palm_soap`` on the preconditioner schedule (``PrecondScheduleSFPaLMForeachSOAP``),
+    (a, b) = ``precond_scheduler`` = (1/3, 9). Other defaults as ``sf_palm_soap`` (η 3e-3,
+    β 0.9, γ 0.8, eps 1e-8, λ 0.01, W 1, r 0, p 2, AGC 0.1).
 
     Example:
         >>> tx = precond_schedule_sf_palm_soap(3e-3)

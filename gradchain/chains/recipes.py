@@ -20,8 +20,8 @@ def sgd(learning_rate: Hyper = 1e-3, momentum: Hyper = 0.0, nesterov: bool = Fal
                x \\leftarrow x - \\eta\\,(b \\text{ or } g + \\mu b)
 
     Weight decay is L2 (added to the gradient before momentum), as in ``torch.optim.SGD``. No
-    momentum buffer is kept when ``momentum == 0``. Members: ``weight_decay``, ``momentum``,
-    ``lr``.
+    momentum buffer is kept when ``momentum == 0``. Defaults η 1e-3, μ 0, nesterov False, λ 0.
+    Members: ``weight_decay``, ``momentum``, ``lr``.
 
     Example:
         >>> tx = sgd(0.1, momentum=0.9, nesterov=True)
@@ -42,7 +42,8 @@ def adam(learning_rate: Hyper = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: f
     .. math::  g \\leftarrow g + \\lambda x, \\quad
                x \\leftarrow x - \\eta\\,\\frac{\\hat m}{\\sqrt{\\hat v} + \\epsilon}
 
-    Members: ``weight_decay``, ``adam`` (``mu``, ``nu``, ``count``), ``lr``.
+    Defaults η 1e-3, b1 0.9, b2 0.999, eps 1e-8, λ 0. Members: ``weight_decay``, ``adam``
+    (``mu``, ``nu``, ``count``), ``lr``.
 
     Example:
         >>> tx = adam(1e-3)
@@ -63,6 +64,7 @@ def adamw(learning_rate: Hyper = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: 
                + \\lambda x\\right)
 
     ``mask`` limits the decay to some parameters (e.g. ``lambda name, p: p.ndim >= 2``).
+    Defaults η 1e-3, b1 0.9, b2 0.999, eps 1e-8, λ 0.01, mask None (every parameter decays).
     Members: ``adam`` (``mu``, ``nu``, ``count``), ``weight_decay``, ``lr``.
 
     Example:

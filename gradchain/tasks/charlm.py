@@ -191,7 +191,13 @@ class TrainResult:
     ``ms_per_step`` is the median time of a whole step (zero_grad, forward, backward and
     optimizer step, or whatever ``step_fn`` does); ``ms_per_opt_step`` the median time inside
     ``optimizer.step`` alone (including a closure, if the step passes one). ``state_bytes`` is the
-    size of the optimizer state (see :func:`state_bytes`).
+    size of the optimizer state (see :func:`state_bytes`). Defaults: empty lists, NaN for the
+    measurements that did not happen, 0 state bytes.
+
+    Example:
+        >>> run = TrainResult(steps=[1, 2], train_loss=[5.2, 4.9], seconds=[0.1, 0.2])
+        >>> run.train_loss[-1], run.final_val_loss  # NaN until train measures it
+        (4.9, nan)
     """
 
     steps: list[int] = field(default_factory=list)
@@ -326,7 +332,18 @@ def make_model(config: TaskConfig) -> nn.Module:
 
 
 def lm_loss(model: nn.Module, batch: Batch) -> Tensor:
-    """Mean next-token cross-entropy (nats) of ``model`` on ``batch = (inputs, targets)``."""
+    r"""Mean next-token cross-entropy (nats) of ``model`` on ``batch = (inputs, targets)``.
+
+    .. math::  L = -\frac{1}{BT} \sum_{b,t} \log \mathrm{softmax}(z_{b,t})_{y_{b,t}}
+
+    with z the logits ``model(inputs)`` of shape (B, T, vocabulary) and y the targets.
+
+    Example:
+        >>> model = make_model(TaskConfig.small())
+        >>> inputs = torch.zeros(2, 8, dtype=torch.long)
+        >>> f"{lm_loss(model, (inputs, inputs + 1)).item():.1f}"  # near ln 256 = 5.55 at first
+        '5.4'
+    """
     inputs, targets = batch
     logits = model(inputs)
     return F.cross_entropy(
@@ -347,7 +364,17 @@ def train_batches(config: TaskConfig, count: int, seed: int = 0) -> list[Batch]:
 
 
 def default_step(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer) -> Tensor:
-    """One plain step: ``zero_grad``, forward, ``loss.backward()``, ``optimizer.step()``."""
+    """One plain step: ``zero_grad``, forward, ``loss.backward()``, ``optimizer.step()``.
+    Returns the loss before the step.
+
+    Example:
+        >>> model = nn.Embedding(VOCAB_SIZE, VOCAB_SIZE)  # a bigram model: next-byte logits
+        >>> _ = nn.init.zeros_(model.weight)              # uniform: the loss is ln 256
+        >>> batch = (torch.zeros(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        >>> [round(default_step(model, batch, opt).item(), 3) for _ in range(2)]
+        [5.545, 4.552]
+    """
     optimizer.zero_grad(set_to_none=True)
     loss = lm_loss(model, batch)
     loss.backward()
@@ -358,6 +385,16 @@ def default_step(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimize
 def closure_step(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer) -> Tensor:
     """One step through a closure, for optimizers that use Hessian-vector products: the
     optimizer runs the closure and builds the double-backward graph on the steps that need it.
+    Returns the loss before the step.
+
+    Example:
+        >>> from gradchain.optimizers import ESGD
+        >>> model = nn.Embedding(VOCAB_SIZE, VOCAB_SIZE)  # a bigram model: next-byte logits
+        >>> _ = nn.init.zeros_(model.weight)
+        >>> batch = (torch.zeros(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long))
+        >>> opt = ESGD(model.parameters())                # Hessian-vector products
+        >>> [round(closure_step(model, batch, opt).item(), 3) for _ in range(2)]
+        [5.545, 3.073]
     """
     return optimizer.step(_training_closure(model, batch, optimizer))
 
@@ -376,7 +413,18 @@ def _training_closure(model: nn.Module, batch: Batch, optimizer: torch.optim.Opt
 def validation_step(val_batches: Iterator[Batch]) -> StepFn:
     """Steps for optimizers that learn from a validation gradient (``uses_validation``, as
     RTHO and MARTHE): :func:`closure_step`, plus ``val_closure``, the loss of the next held-out
-    batch at the current parameters."""
+    batch at the current parameters.
+
+    Example:
+        >>> from gradchain.optimizers import RTHO
+        >>> model = nn.Embedding(VOCAB_SIZE, VOCAB_SIZE)  # a bigram model: next-byte logits
+        >>> _ = nn.init.zeros_(model.weight)
+        >>> batch = (torch.zeros(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long))
+        >>> step = validation_step(iter([batch] * 3))     # here the held-out batches are the same
+        >>> opt = RTHO(model.parameters(), lr=1.0, hyper_lr=1e-3)
+        >>> [round(step(model, batch, opt).item(), 3) for _ in range(3)]
+        [5.545, 4.552, 2.715]
+    """
 
     def step(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer) -> Tensor:
         val_batch = next(val_batches)

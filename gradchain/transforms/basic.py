@@ -128,7 +128,8 @@ def scale_by_learning_rate(learning_rate: Hyper, *, flip_sign: bool = True
     .. math::  o = -\\eta(\\text{count})\\, u
 
     ``learning_rate`` is a number or a schedule of the step count. ``flip_sign=False`` drops the
-    minus sign (for ascent). This is where the minus sign of a descent method enters, once.
+    minus sign (for ascent; the default is True). This is where the minus sign of a descent
+    method enters, once.
 
     Example:
         >>> tx = scale_by_learning_rate(0.1)
@@ -153,7 +154,8 @@ def add_decayed_weights(weight_decay: Hyper = 0.0, mask: Selector | None = None
     (PyTorch AdamW's convention: the decay is scaled by the learning rate). ``mask`` selects the
     parameters to decay: a list of name patterns (``["*.weight"]``), a mapping
     ``pattern -> bool``, a callable ``(name, param) -> bool``, or one bool per parameter of a
-    list tree. Needs ``params``.
+    list tree. Needs ``params``. Defaults: λ = ``weight_decay`` 0 (no decay), ``mask`` None
+    (every parameter).
 
     Example:
         >>> tx = add_decayed_weights(0.1)

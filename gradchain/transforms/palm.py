@@ -17,7 +17,15 @@ class PalmBeta2:
     :math:`\\prod_{j \\le k} \\beta_2(j)`, which is 0 (the first decay is 0, so an EMA with this
     decay needs no bias correction), or :math:`\\beta_2(k)^k` with ``heavyball_debias``, which
     makes in-place debiased moments use HeavyBall's
-    :math:`\\hat\\beta(k) = 1 - (1 - \\beta_2(k))/(1 - \\beta_2(k)^k)`.
+    :math:`\\hat\\beta(k) = 1 - (1 - \\beta_2(k))/(1 - \\beta_2(k)^k)`. Make it with
+    ``palm_beta2`` (defaults: scale 0.8, heavyball_debias False).
+
+    Example:
+        >>> b2 = palm_beta2(1.0)  # gamma = 1: the arithmetic mean
+        >>> b2(0), b2(1), b2(3), b2.product(3)
+        (0.0, 0.5, 0.75, 0.0)
+        >>> b2.as_transform().provides["second_moment_decay"] is b2
+        True
     """
 
     def __init__(self, scale: float, heavyball_debias: bool) -> None:
