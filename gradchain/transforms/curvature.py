@@ -31,6 +31,7 @@ from gradchain.core import (
     writable,
     zeros_like_state,
 )
+from gradchain.distributed import CURVATURE_INSTEAD, check_whole
 
 __all__ = ["scale_by_abs_hessian_diag", "is_hvp_step"]
 
@@ -139,6 +140,9 @@ def scale_by_abs_hessian_diag(b2: float = 0.999, eps: float = 1e-4, update_d_eve
     warned = False
 
     def init(params: Tree) -> AbsHessianDiagState:
+        check_whole(leaves(params), "scale_by_abs_hessian_diag (ESGD)", "its Hessian-vector "
+                    "products need the gradient's graph, which FSDP2's reduce-scattered "
+                    "gradients do not carry", instead=CURVATURE_INSTEAD)
         generator = torch.Generator()
         generator.manual_seed(seed)
         return AbsHessianDiagState(count=0, hvp_count=0, d=zeros_like_state(leaves(params)),

@@ -41,6 +41,7 @@ from gradchain.core import (
     writable,
     zeros_like_state,
 )
+from gradchain.distributed import local_shards
 
 __all__ = ["scale_by_adam_inplace", "scale_by_rms_inplace", "scale_by_laprop", "scale_by_adopt"]
 
@@ -87,7 +88,7 @@ def _second_moment_(nu: list[Tensor], u: list[Tensor], weight: float) -> None:
 def _floored_root(nu: list[Tensor], eps: float) -> list[Tensor]:
     """A new list :math:`\\max(\\sqrt{v}, \\epsilon)`."""
     denom = torch._foreach_sqrt(nu)
-    torch._foreach_maximum_(denom, eps)
+    torch._foreach_maximum_(local_shards(denom), eps)  # DTensors have no sharding rule for it
     return denom
 
 
@@ -228,7 +229,7 @@ def scale_by_laprop(b1: Hyper = 0.9, b2: Hyper = 0.99, eps: float = 1e-8
         out = writable(u, extras)
         torch._foreach_div_(out, _floored_root(nu, eps))      # n
         _lerp_(mu, out, 1.0 - debiased_decay(b1, state.count))
-        torch._foreach_copy_(out, mu)
+        torch._foreach_copy_(local_shards(out), local_shards(mu, out))
         return as_tree(updates, out), LapropState(state.count + 1, mu, nu)
 
     return GradientTransformation(init, update, leafwise=True, elementwise=True)
@@ -312,7 +313,7 @@ def scale_by_adopt(b1: Hyper = 0.9, b2: Hyper = 0.99, eps: float = 1e-8,
             torch._foreach_clamp_min_(out, [hoist(-limit)] * len(out))
             torch._foreach_clamp_max_(out, [hoist(limit)] * len(out))
         _lerp_(mu, out, 1.0 - beta1)
-        torch._foreach_copy_(out, mu)
+        torch._foreach_copy_(local_shards(out), local_shards(mu, out))
         _second_moment_(nu, u, 1.0 - beta2)
         return as_tree(updates, out), AdoptState(count + 1, mu, nu)
 

@@ -24,6 +24,7 @@ from gradchain.core import (
     writable,
     zeros_like_state,
 )
+from gradchain.distributed import local_shards
 
 __all__ = ["trace", "ema", "qh_momentum"]
 
@@ -77,7 +78,7 @@ def trace(decay: Hyper = 0.9, nesterov: bool = False) -> GradientTransformation:
                 torch._foreach_add_(out, b, alpha=mu)    # o <- u + mu b
             else:
                 torch._foreach_add_(out, b, alpha=mu)    # o <- u + mu b_{t-1} = b_t
-                torch._foreach_copy_(b, out)
+                torch._foreach_copy_(local_shards(b), local_shards(out, b))
             updates = as_tree(updates, out)
         return updates, TraceState(state.count + 1, b)
 
