@@ -105,6 +105,17 @@ class GradientTransformation(NamedTuple):
     transforms take sparse COO gradients. ``provides`` holds extras that a chain member hands
     to the members after it in its chain (``palm_beta2`` as a member provides the
     ``second_moment_decay`` extra).
+
+    Defaults: every flag False, ``needs_hvp`` and ``provides`` None.
+
+    Example:
+        >>> halve = GradientTransformation(
+        ...     init=lambda params: EmptyState(),
+        ...     update=lambda updates, state, params=None, **extras: (
+        ...         [u / 2 for u in updates], state),
+        ...     leafwise=True)
+        >>> halve.update([torch.tensor([2.0, -4.0])], halve.init([torch.zeros(2)]))
+        ([tensor([ 1., -2.])], EmptyState())
     """
 
     init: Callable[[Tree], Any]
@@ -118,7 +129,13 @@ class GradientTransformation(NamedTuple):
 
 
 class EmptyState(NamedTuple):
-    """The state of a transform that keeps none."""
+    """The state of a transform that keeps none.
+
+    Example:
+        >>> from gradchain.transforms import scale
+        >>> scale(0.5).init([torch.zeros(2)])
+        EmptyState()
+    """
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,28 +143,48 @@ class EmptyState(NamedTuple):
 
 
 def leaves(tree: Tree | Sequence[Tensor]) -> list[Tensor]:
-    """The tensors of a tree, in order (dict insertion order)."""
+    """The tensors of a tree, in order (dict insertion order).
+
+    Example:
+        >>> leaves({"w": torch.zeros(2), "b": torch.ones(1)})
+        [tensor([0., 0.]), tensor([1.])]
+    """
     if isinstance(tree, Mapping):
         return list(tree.values())
     return list(tree)
 
 
 def as_tree(like: Tree, new_leaves: Sequence[Any]) -> Tree:
-    """``new_leaves`` arranged in the structure of ``like``."""
+    """``new_leaves`` arranged in the structure of ``like``.
+
+    Example:
+        >>> as_tree({"w": torch.zeros(2), "b": torch.zeros(1)}, [torch.ones(2), torch.ones(1)])
+        {'w': tensor([1., 1.]), 'b': tensor([1.])}
+    """
     if isinstance(like, Mapping):
         return dict(zip(like.keys(), new_leaves))
     return list(new_leaves)
 
 
 def names(tree: Tree) -> list[str]:
-    """Parameter names: the dict keys, or the positions as strings for a list."""
+    """Parameter names: the dict keys, or the positions as strings for a list.
+
+    Example:
+        >>> names({"w": torch.zeros(2), "b": torch.zeros(1)}), names([torch.zeros(2)] * 2)
+        (['w', 'b'], ['0', '1'])
+    """
     if isinstance(tree, Mapping):
         return [str(k) for k in tree.keys()]
     return [str(i) for i in range(len(tree))]
 
 
 def subset(tree: Tree, index: Sequence[int]) -> Tree:
-    """The leaves at positions ``index``, in the structure of ``tree``."""
+    """The leaves at positions ``index``, in the structure of ``tree``.
+
+    Example:
+        >>> subset({"w": torch.zeros(2), "b": torch.ones(1)}, [1])
+        {'b': tensor([1.])}
+    """
     if isinstance(tree, Mapping):
         keys = list(tree.keys())
         return {keys[i]: tree[keys[i]] for i in index}
@@ -177,6 +214,18 @@ def selected_indices(tree: Tree, selector: Selector, what: str = "mask") -> list
       (a dict of exact names is the same-structure tree of a dict);
     - a sequence of strings (patterns): ``True`` where a pattern matches, ``False`` elsewhere;
     - a sequence of one value per leaf (the same-structure tree of a list).
+
+    ``what`` (default ``"mask"``) names the selector in errors; only a mask reads a sequence of
+    strings as patterns.
+
+    Example:
+        >>> tree = {"layer.weight": torch.zeros(2, 2), "layer.bias": torch.zeros(2)}
+        >>> selected_indices(tree, ["*.bias"])
+        [False, True]
+        >>> selected_indices(tree, lambda name, p: p.ndim >= 2)
+        [True, False]
+        >>> selected_indices(tree, {"*.weight": 0.1, "*": 0.0}, what="weight decay")
+        [0.1, 0.0]
     """
     tree_names = names(tree)
     tensors = leaves(tree)
@@ -224,7 +273,16 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
 
 
 def check_structure(updates: Tree, params: Tree, what: str = "updates") -> None:
-    """Raise ``ValueError`` unless ``updates`` has the structure and shapes of ``params``."""
+    """Raise ``ValueError`` unless ``updates`` has the structure and shapes of ``params``.
+
+    ``what`` (default ``"updates"``) names ``updates`` in the message.
+
+    Example:
+        >>> check_structure([torch.zeros(3)], [torch.zeros(2)])
+        Traceback (most recent call last):
+            ...
+        ValueError: updates for parameter '0' has shape (3,), the parameter has (2,)
+    """
     if isinstance(updates, Mapping) != isinstance(params, Mapping):
         raise ValueError(
             f"{what} is a {type(updates).__name__} but params is a {type(params).__name__}; "
@@ -250,7 +308,14 @@ def check_structure(updates: Tree, params: Tree, what: str = "updates") -> None:
 
 
 def check_dense_real(updates: Iterable[Tensor], transform: str) -> None:
-    """Raise ``ValueError`` for sparse or complex tensors, naming the transform."""
+    """Raise ``ValueError`` for sparse or complex tensors, naming the transform.
+
+    Example:
+        >>> check_dense_real([torch.zeros(2, dtype=torch.complex64)], "sm3")
+        Traceback (most recent call last):
+            ...
+        ValueError: sm3 does not support complex tensors; optimize torch.view_as_real(param) instead
+    """
     for u in updates:
         if u.is_sparse or u.layout != torch.strided:
             raise ValueError(
@@ -273,6 +338,12 @@ def writable(updates: Sequence[Tensor], extras: Mapping[str, Any],
     positions as the updates) is cloned, so ``param.grad`` and the ``grads`` seen by later
     transforms stay intact; every other tensor is returned as is. Outside a chain (no ``grads``
     extra) everything is cloned.
+
+    Example:
+        >>> g = [torch.ones(2)]
+        >>> out = writable(g, {"grads": g})             # the raw gradient: a copy
+        >>> out[0] is g[0], writable(out, {"grads": g})[0] is out[0]
+        (False, True)
     """
     index = range(len(updates)) if positions is None else positions
     raw = extras.get("grads")
@@ -347,14 +418,24 @@ def stochastic_round_(target: Tensor, source: Tensor,
 
 
 def state_dtype(param: Tensor) -> torch.dtype:
-    """Per-parameter state dtype: float32 for 16-bit floats, the parameter's dtype otherwise."""
+    """Per-parameter state dtype: float32 for 16-bit floats, the parameter's dtype otherwise.
+
+    Example:
+        >>> state_dtype(torch.zeros(1, dtype=torch.bfloat16)), state_dtype(torch.zeros(1).double())
+        (torch.float32, torch.float64)
+    """
     if param.dtype in (torch.bfloat16, torch.float16):
         return torch.float32
     return param.dtype
 
 
 def zeros_like_state(params: Iterable[Tensor]) -> list[Tensor]:
-    """One zero buffer per parameter, in the state dtype (``state_dtype``)."""
+    """One zero buffer per parameter, in the state dtype (``state_dtype``).
+
+    Example:
+        >>> zeros_like_state([torch.ones(2, dtype=torch.bfloat16)])[0].dtype
+        torch.float32
+    """
     return [torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
             for p in params]
 
@@ -369,25 +450,33 @@ def _(value: Tensor) -> Tensor:
     return torch.empty_like(value)
 
 
-def hoist(value: float) -> float | Tensor:
+def hoist(value: float | Tensor) -> float | Tensor:
     """A per-step scalar (a bias correction, a scheduled factor) ready for the hot loop.
 
     In eager mode it is ``value`` itself. Under ``torch.compile`` the step count is symbolic, and
     inductor would inline the scalar's arithmetic (``pow``, ``sqrt``: libm calls it may not hoist)
     into every iteration of the element-wise loop; here it becomes a 0-d float64 tensor that an
-    opaque op computes once per step, and the loop only loads it.
+    opaque op computes once per step, and the loop only loads it. ``value`` may be a 0-d tensor
+    already (a compiled optimizer's learning rate).
 
     Example:
         >>> hoist(0.5)
         0.5
     """
     if torch.compiler.is_compiling():
-        return _hoisted(torch.scalar_tensor(value, dtype=torch.float64))
+        if not isinstance(value, Tensor):
+            value = torch.scalar_tensor(value, dtype=torch.float64)
+        return _hoisted(value.to(torch.float64))
     return value
 
 
 def resolve(value: Hyper, count: int) -> float:
-    """A hyperparameter's value at step ``count``: ``value(count)`` for a schedule."""
+    """A hyperparameter's value at step ``count``: ``value(count)`` for a schedule.
+
+    Example:
+        >>> resolve(0.1, 4), resolve(lambda count: 0.1 / (count + 1), 4)
+        (0.1, 0.02)
+    """
     return value(count) if callable(value) else value
 
 
@@ -431,7 +520,12 @@ def debiased_decay(decay: Hyper, count: int) -> float:
 
 def second_moment_decay(default: Hyper, extras: Mapping[str, Any]) -> Hyper:
     """The second-moment decay a transform uses: a ``palm_beta2`` (or any schedule) that an
-    earlier member of its chain provides as the ``second_moment_decay`` extra, else its own."""
+    earlier member of its chain provides as the ``second_moment_decay`` extra, else its own.
+
+    Example:
+        >>> second_moment_decay(0.999, {}), second_moment_decay(0.999, {"second_moment_decay": 0.9})
+        (0.999, 0.9)
+    """
     return extras.get("second_moment_decay", default)
 
 
@@ -470,7 +564,13 @@ def find_state(state: Any, state_type: type | tuple[type, ...], transform: str) 
 
 
 def select_state(state: Any, index: Sequence[int]) -> Any:
-    """The state restricted to the parameters at positions ``index``."""
+    """The state restricted to the parameters at positions ``index``.
+
+    Example:
+        >>> state = (7, ["m0", "m1", "m2"])  # a group-wide count, one entry per parameter
+        >>> select_state(state, [2, 0])
+        (7, ['m2', 'm0'])
+    """
     if isinstance(state, list):
         return [state[i] for i in index]
     if isinstance(state, tuple):
@@ -482,7 +582,12 @@ def select_state(state: Any, index: Sequence[int]) -> Any:
 
 def merge_state(full: Any, part: Any, index: Sequence[int]) -> Any:
     """Write a restricted state back: per-parameter entries at ``index``, group-wide values from
-    ``part``."""
+    ``part``.
+
+    Example:
+        >>> merge_state((7, ["m0", "m1", "m2"]), (8, ["new"]), [1])
+        (8, ['m0', 'new', 'm2'])
+    """
     if isinstance(full, list):
         merged = list(full)
         for j, i in enumerate(index):
@@ -497,7 +602,12 @@ def merge_state(full: Any, part: Any, index: Sequence[int]) -> Any:
 
 def expand_state(part: Any, index: Sequence[int], size: int) -> Any:
     """A state over ``size`` parameters from one over the parameters at ``index`` (``None``
-    for the others)."""
+    for the others).
+
+    Example:
+        >>> expand_state((8, ["m1"]), [1], 3)
+        (8, [None, 'm1', None])
+    """
     if isinstance(part, list):
         full: list[Any] = [None] * size
         for j, i in enumerate(index):
@@ -537,7 +647,15 @@ def flatten_state(state: Any, size: int, prefix: str = "") -> tuple[list[dict[st
     """Flatten a state over ``size`` parameters to ``(per_parameter, group_wide)`` dicts.
 
     Keys are dotted paths of NamedTuple field names, dict keys and tuple positions, e.g.
-    ``"adam.mu"`` for the ``mu`` field of the chain member named ``adam``.
+    ``"adam.mu"`` for the ``mu`` field of the chain member named ``adam``. ``prefix`` (default
+    none) starts every key.
+
+    Example:
+        >>> from gradchain.transforms import scale_by_adam
+        >>> state = scale_by_adam().init([torch.zeros(2), torch.zeros(3)])
+        >>> per_param, group = flatten_state(state, 2, prefix="adam")
+        >>> sorted(per_param[1]), per_param[1]["adam.mu"].shape, group
+        (['adam.mu', 'adam.nu'], torch.Size([3]), {'adam.count': 0})
     """
     per_param: list[dict[str, Any]] = [{} for _ in range(size)]
     group: dict[str, Any] = {}
@@ -588,7 +706,17 @@ def _unflatten_entry(like: Any, path: str, source: Mapping[str, Any]) -> Any:
 def unflatten_state(template: Any, per_param: Sequence[Mapping[str, Any]],
                     group: Mapping[str, Any], prefix: str = "") -> Any:
     """Inverse of ``flatten_state``: a state shaped like ``template`` (a fresh ``init``) with
-    the saved values, cast to the template's dtypes and devices."""
+    the saved values, cast to the template's dtypes and devices.
+
+    Example:
+        >>> from gradchain.transforms import scale_by_adam
+        >>> tx = scale_by_adam()
+        >>> _, state = tx.update([torch.ones(2)], tx.init([torch.zeros(2)]))
+        >>> per_param, group = flatten_state(state, 1)
+        >>> restored = unflatten_state(tx.init([torch.zeros(2)]), per_param, group)
+        >>> restored.count, restored.nu  # (1 - b2) u^2
+        (1, [tensor([0.0010, 0.0010])])
+    """
 
     def walk(node: Any, path: str) -> Any:
         if isinstance(node, list):
@@ -614,7 +742,14 @@ def _is_number(value: Any) -> bool:
 
 
 def needs_hvp(transform: GradientTransformation, state: Any) -> bool:
-    """Whether the next ``transform.update`` from ``state`` uses the ``hvp`` extra."""
+    """Whether the next ``transform.update`` from ``state`` uses the ``hvp`` extra.
+
+    Example:
+        >>> from gradchain.transforms import scale, scale_by_abs_hessian_diag
+        >>> tx = scale_by_abs_hessian_diag()  # a Hessian estimate on its first step
+        >>> needs_hvp(tx, tx.init([torch.zeros(2)])), needs_hvp(scale(0.5), EmptyState())
+        (True, False)
+    """
     return transform.needs_hvp is not None and bool(transform.needs_hvp(state))
 
 
@@ -622,7 +757,13 @@ def hessian_vector_products(hvp: Callable[[Tree], Tree], updates: Tree, vectors:
                             ) -> list[Tensor]:
     """``hvp`` (the ``hvp`` extra, ``v -> H v``) applied to ``vectors`` laid out like
     ``updates``: the products as a detached list, checked to be one per parameter and shaped
-    like it (``ValueError`` naming the parameter otherwise)."""
+    like it (``ValueError`` naming the parameter otherwise).
+
+    Example:
+        >>> a = torch.tensor([1.0, 2.0])  # f = sum(a x^2) / 2, so H v = a v
+        >>> hessian_vector_products(lambda v: [a * v[0]], [torch.zeros(2)], [torch.ones(2)])
+        [tensor([1., 2.])]
+    """
     result = leaves(hvp(as_tree(updates, vectors)))
     if len(result) != len(vectors):
         raise ValueError(f"hvp returned {len(result)} tensors for {len(vectors)} parameters")
@@ -648,13 +789,27 @@ def _check_number(name: str, value: Any) -> bool:
 
 
 def check_number(name: str, value: Any) -> None:
-    """``ValueError`` unless ``value`` is a real, non-NaN number (schedules pass)."""
+    """``ValueError`` unless ``value`` is a real, non-NaN number (schedules pass).
+
+    Example:
+        >>> check_number("lr", lambda count: 1e-3)  # a schedule is checked when used
+        >>> check_number("lr", float("nan"))
+        Traceback (most recent call last):
+            ...
+        ValueError: lr must not be NaN
+    """
     _check_number(name, value)
 
 
 def check_constant(transform: str, **values: Any) -> None:
     """``ValueError`` for any of ``values`` that is a schedule where ``transform`` needs a
     number (``inject_hyperparams`` schedules such a hyperparameter by rebuilding the transform).
+
+    Example:
+        >>> check_constant("sm3", eps=lambda count: 1e-8)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        ValueError: sm3 needs a constant eps, not a schedule; wrap sm3 in inject_hyperparams ...
     """
     for name, value in values.items():
         if callable(value):
@@ -663,25 +818,54 @@ def check_constant(transform: str, **values: Any) -> None:
 
 
 def check_non_negative(name: str, value: Any) -> None:
-    """``ValueError`` unless ``value >= 0`` (schedules pass)."""
+    """``ValueError`` unless ``value >= 0`` (schedules pass).
+
+    Example:
+        >>> check_non_negative("weight_decay", -0.1)
+        Traceback (most recent call last):
+            ...
+        ValueError: weight_decay must be >= 0, got -0.1
+    """
     if _check_number(name, value) and not float(value) >= 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
 
 
 def check_positive(name: str, value: Any) -> None:
-    """``ValueError`` unless ``value > 0`` (schedules pass)."""
+    """``ValueError`` unless ``value > 0`` (schedules pass).
+
+    Example:
+        >>> check_positive("eps", 0.0)
+        Traceback (most recent call last):
+            ...
+        ValueError: eps must be > 0, got 0.0
+    """
     if _check_number(name, value) and not float(value) > 0:
         raise ValueError(f"{name} must be > 0, got {value}")
 
 
 def check_decay(name: str, value: Any) -> None:
-    """``ValueError`` unless ``0 <= value < 1`` (schedules pass)."""
+    """``ValueError`` unless ``0 <= value < 1`` (schedules pass).
+
+    Example:
+        >>> check_decay("b1", 0.9)
+        >>> check_decay("b2", 1.0)
+        Traceback (most recent call last):
+            ...
+        ValueError: b2 must be in [0, 1), got 1.0
+    """
     if _check_number(name, value) and not 0.0 <= float(value) < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value}")
 
 
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
-    """``ValueError`` unless ``value`` is one of ``choices``."""
+    """``ValueError`` unless ``value`` is one of ``choices``.
+
+    Example:
+        >>> check_choice("norm", "l3", ["l1", "l2"])
+        Traceback (most recent call last):
+            ...
+        ValueError: norm must be one of ['l1', 'l2'], got 'l3'
+    """
     allowed = list(choices)
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from gradchain.chains.combinators import inject_hyperparams, named_chain
+from gradchain.chains.combinators import named_chain
 from gradchain.core import GradientTransformation, Schedule
 from gradchain.transforms.adaptive import scale_by_adam
 from gradchain.transforms.basic import add_decayed_weights
@@ -88,8 +88,7 @@ def hd_adam(learning_rate: float = 1e-3, hyper_lr: float = 1e-8, b1: float = 0.9
     L2 weight decay, :math:`u_0 = 0`, and one global h per step and parameter group
     (AdamHD moves the lr tensor by tensor within a step; ALGORITHMS.md §10 row 31). Defaults:
     lr 1e-3, hyper_lr 1e-8, betas (0.9, 0.999), eps 1e-8 (AdaTune's scripts: 1e-4). Members:
-    ``weight_decay``, ``adam`` (``inner.mu``, ``inner.nu``, ``inner.count``, ``hyperparams``,
-    ``count``), ``hypergrad`` (``lr``, ``hyper_lr``, ``prev_update``, ``count``).
+    ``weight_decay``, ``adam`` (``mu``, ``nu``, ``count``), ``hypergrad`` (``lr``, ``hyper_lr``, ``prev_update``, ``count``).
 
     Example:
         >>> tx = hd_adam(1e-3, hyper_lr=1e-8, weight_decay=5e-4)
@@ -100,8 +99,7 @@ def hd_adam(learning_rate: float = 1e-3, hyper_lr: float = 1e-8, b1: float = 0.9
     """
     return named_chain(
         ("weight_decay", add_decayed_weights(weight_decay)),
-        ("adam", inject_hyperparams(scale_by_adam)(b1=b1, b2=b2,
-                                                   eps=_uncorrected_root_eps(eps, b2))),
+        ("adam", scale_by_adam(b1=b1, b2=b2, eps=_uncorrected_root_eps(eps, b2))),
         ("hypergrad", hypergrad_lr("hd", learning_rate, hyper_lr, weight_decay=weight_decay)),
     )
 

@@ -8,14 +8,18 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from copy import deepcopy
+from types import EllipsisType
 from typing import Any
 
 import torch
 from torch import Tensor
+from typing_extensions import TypedDict
 
 from gradchain.core import (
     GradientTransformation,
+    all_finite,
     apply_updates,
+    check_non_negative,
     flatten_state,
     leaves,
     merge_state,
@@ -24,10 +28,48 @@ from gradchain.core import (
     select_state,
     unflatten_state,
 )
+from gradchain.distributed import (
+    check_gradient_layout,
+    is_dtensor,
+    local_shard,
+    refusing_data_parallel,
+)
 
-__all__ = ["ChainOptimizer"]
+__all__ = ["ChainOptimizer", "AdapterOptions"]
 
 Recipe = Callable[..., GradientTransformation]
+
+
+class AdapterOptions(TypedDict, total=False):
+    """How a ``ChainOptimizer`` runs its chain; every named optimizer takes these keywords.
+
+    ``compile``: run each group's update through ``torch.compile``. ``foreach``: None picks
+    per device (on CPU, cache-sized pieces of the group), True runs the whole group in one
+    piece, False one parameter at a time; all three give the same numbers. ``skip_nonfinite``:
+    skip a step whose gradients hold a NaN or an infinity, leaving parameters and state as they
+    were. ``stochastic_rounding`` and ``rounding_seed``: how bfloat16 parameters are written.
+    Defaults: compile False, foreach None, skip_nonfinite False, stochastic_rounding False
+    (True for the HeavyBall family), rounding_seed 0.
+
+    Example:
+        >>> import warnings
+        >>> from gradchain.optimizers import AdamW
+        >>> options: AdapterOptions = {"foreach": False, "skip_nonfinite": True}
+        >>> p = torch.nn.Parameter(torch.zeros(2))
+        >>> opt = AdamW([p], lr=1e-3, **options)
+        >>> p.grad = torch.tensor([float("nan"), 1.0])
+        >>> with warnings.catch_warnings(record=True):  # a RuntimeWarning says it skipped
+        ...     warnings.simplefilter("always")
+        ...     opt.step()
+        >>> opt.skipped_steps, p.tolist()
+        (1, [0.0, 0.0])
+    """
+
+    compile: bool
+    foreach: bool | None
+    skip_nonfinite: bool
+    stochastic_rounding: bool
+    rounding_seed: int
 
 #: On CPU, a leafwise chain runs over parameters in pieces of about this many elements, each
 #: applied while its tensors are still in cache (torch's CPU foreach ops run one tensor at a
@@ -81,8 +123,22 @@ class ChainOptimizer(torch.optim.Optimizer):
 
     ``compile=True`` runs each group's update and its application through ``torch.compile``
     (one fused graph per group; with stochastic rounding, the rounding runs after it); eager
-    mode is the reference. Leafwise chains in eager mode on CPU run over a few parameters at a
-    time while they are hot in cache.
+    mode is the reference. The learning rate then enters the graph as a tensor, so an LR
+    scheduler (or a learning-rate schedule) changes it without recompiling; a change of any
+    other hyperparameter rebuilds the chain and compiles it again.
+
+    ``foreach=None`` (the default) runs a leafwise chain in eager mode on CPU over a few
+    parameters at a time, while they are hot in cache (large parameters of an elementwise chain
+    as blocks of rows), and elsewhere over the whole group at once; ``foreach=True`` always
+    takes the whole group, ``foreach=False`` one parameter at a time (chains that are not
+    leafwise, e.g. a global-norm clip, always see the whole group). All give the same numbers.
+
+    ``skip_nonfinite=True`` checks the gradients before anything moves (one host
+    synchronisation per step): when one holds a NaN or an infinity, the step is skipped with a
+    ``RuntimeWarning`` (parameters, state and step counts unchanged, like
+    ``chains.apply_if_finite`` and ``torch.amp.GradScaler``) and counted in
+    ``skipped_steps``. Without it, a non-finite gradient goes into the chain, as in
+    ``torch.optim``: element-wise recipes write NaN into the parameters it touches.
 
     Example:
         >>> from gradchain.chains import adamw
@@ -92,8 +148,9 @@ class ChainOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Iterable[Any], transform: GradientTransformation | Recipe, *,
-                 compile: bool = False, stochastic_rounding: bool = False, rounding_seed: int = 0,
-                 **hyperparameters: Any) -> None:
+                 compile: bool = False, foreach: bool | None = None,
+                 skip_nonfinite: bool = False, stochastic_rounding: bool = False,
+                 rounding_seed: int = 0, **hyperparameters: Any) -> None:
         if isinstance(transform, GradientTransformation):
             if hyperparameters:
                 raise ValueError(
@@ -121,7 +178,17 @@ class ChainOptimizer(torch.optim.Optimizer):
         else:
             raise TypeError(f"transform must be a GradientTransformation or a recipe, "
                             f"got {type(transform).__name__}")
+        if foreach not in (None, True, False):
+            raise ValueError(f"foreach must be None, True or False, got {foreach!r}")
         self._compile = compile
+        self._foreach = foreach
+        self._skip_nonfinite = bool(skip_nonfinite)
+        #: Steps skipped for non-finite gradients (``skip_nonfinite=True``).
+        self.skipped_steps = 0
+        #: With ``compile=True``: one 0-d tensor per group holding its learning rate, read by
+        #: the compiled chain; None where the recipe takes no learning-rate schedule.
+        self._lr_tensors: list[Tensor | None] = []
+        self._rate_schedule: bool | None = None
         self._stochastic_rounding = bool(stochastic_rounding)
         self._rounding_seed = int(rounding_seed)
         self._rounding: dict[str, torch.Generator] = {}
@@ -129,6 +196,10 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._group_steps: list[int] = []
         self._built: list[tuple[Any, GradientTransformation, Callable | None] | None] = []
         super().__init__(params, defaults)
+        # every parameter has an entry from the start, so torch.distributed.checkpoint reads
+        # state_dict() (which holds the initial state) instead of creating the state with a
+        # zero-gradient, zero-lr step (which would count as a step, or fail for some recipes)
+        self._refresh_state_view()
 
     # ------------------------------------------------------------------------------------------
     # Groups and transforms
@@ -158,6 +229,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._group_states.append(None)
         self._group_steps.append(0)
         self._built.append(None)
+        self._lr_tensors.append(None)
 
     def _hyperparameters(self, group: dict[str, Any], step: int) -> dict[str, Any]:
         return {argument: _value(group[key], step) if key in self._schedulable else group[key]
@@ -171,17 +243,56 @@ class ChainOptimizer(torch.optim.Optimizer):
 
     def _transform(self, index: int) -> tuple[GradientTransformation, Callable | None]:
         """The group's transform (and compiled step), rebuilt only when its hyperparameters
-        changed."""
+        changed; a compiled chain reads the learning rate from the group's tensor instead."""
         group, step = self.param_groups[index], self._group_steps[index]
-        key = tuple(self._hyperparameters(group, step).items()) if self._recipe else None
+        hyperparameters = self._hyperparameters(group, step) if self._recipe else {}
+        rate = self._arguments.get("lr")  # the recipe's name for it
+        if self._compile and rate is not None and self._lr_as_tensor(index, hyperparameters[rate]):
+            del hyperparameters[rate]
+        key = tuple(hyperparameters.items()) if self._recipe else None
         cached = self._built[index]
         if cached is not None and cached[0] == key:
             return cached[1], cached[2]
-        tx = self._build(group, step)
+        if self._fixed is not None:
+            tx = self._fixed
+        else:
+            assert self._recipe is not None
+            lr = self._lr_tensors[index]
+            schedule = {} if lr is None or rate is None else {rate: lambda count: lr}
+            tx = self._recipe(**hyperparameters, **schedule)
         compiled = torch.compile(_make_step(tx, not self._rounds(group))) \
             if self._compile else None
         self._built[index] = (key, tx, compiled)
         return tx, compiled
+
+    def _lr_as_tensor(self, index: int, learning_rate: Any) -> bool:
+        """Whether the group's compiled chain reads its learning rate from a tensor (then set
+        to ``learning_rate``): it does when the recipe takes a schedule there."""
+        if not _is_number(learning_rate) or not self._takes_rate_schedule():
+            return False
+        check_non_negative("lr", learning_rate)  # as the recipe would check a number
+        lr = self._lr_tensors[index]
+        if lr is None:
+            device = next((p.device for p in self.param_groups[index]["params"]),
+                          torch.device("cpu"))
+            lr = self._lr_tensors[index] = torch.zeros((), dtype=torch.float64, device=device)
+        lr.fill_(float(learning_rate))
+        return True
+
+    def _takes_rate_schedule(self) -> bool:
+        """Whether the recipe accepts a schedule as its learning rate (tried once, on a build
+        with the first group's hyperparameters)."""
+        if self._rate_schedule is None:
+            hyperparameters = self._hyperparameters(self.param_groups[0], 0)
+            name = self._arguments["lr"]
+            value = float(hyperparameters[name])
+            try:
+                assert self._recipe is not None
+                self._recipe(**{**hyperparameters, name: lambda count: value})
+                self._rate_schedule = True
+            except (TypeError, ValueError):  # the recipe takes a number only
+                self._rate_schedule = False
+        return self._rate_schedule
 
     @staticmethod
     def _names(group: dict[str, Any]) -> list[str]:
@@ -244,6 +355,11 @@ class ChainOptimizer(torch.optim.Optimizer):
             if closure is None and any(curvature):
                 _check_graph([p for group, needs in zip(self.param_groups, curvature) if needs
                               for p in group["params"] if p.grad is not None])
+            if self._skip_nonfinite and not _finite_gradients(self.param_groups):
+                self.skipped_steps += 1
+                warnings.warn("a gradient holds NaN or infinity: optimizer step skipped, "
+                              "parameters and state unchanged", RuntimeWarning, stacklevel=3)
+                return loss
             for index, group in enumerate(self.param_groups):
                 self._step_group(index, group, loss, curvature[index], per_group[index])
         finally:
@@ -286,7 +402,8 @@ class ChainOptimizer(torch.optim.Optimizer):
             extras["loss"] = loss
         if curvature:
             extras["hvp"] = _hvp([names[i] for i in active], [params[i] for i in active])
-        pieces = _pieces(params, active, tx) if compiled is None else [(active, None)]
+        pieces = _pieces(params, active, tx, self._foreach) if compiled is None \
+            else [(active, None)]
         rounding = self._rounds(group)
         run = compiled or _make_step(tx, not rounding)
         before, after = state, state
@@ -331,9 +448,13 @@ class ChainOptimizer(torch.optim.Optimizer):
                 view[p] = entry
         self.state = view
 
-    def _flat_group(self, index: int) -> list[dict[str, Any]]:
+    def _flat_group(self, index: int, initial: bool = False) -> list[dict[str, Any]]:
+        """The group's per-parameter entries; before its first step, empty ones, or with
+        ``initial`` those of the initial state (``init``, step 0)."""
         state = self._group_states[index]
         params = self.param_groups[index]["params"]
+        if state is None and initial:
+            state = self._init_group(index, self._transform(index)[0])
         if state is None:
             return [{} for _ in params]
         per_param, shared = flatten_state(state, len(params))
@@ -345,6 +466,9 @@ class ChainOptimizer(torch.optim.Optimizer):
 
         Keys are ``"step"`` plus the chain's state paths (``"adam.mu"``, ``"adam.count"``);
         group-wide values are repeated in every parameter's entry, as torch does with ``step``.
+        A group that has not stepped yet shows its initial state (step 0): a checkpoint
+        template taken from a fresh optimizer (``torch.distributed.checkpoint``) then holds
+        every tensor to load into. DTensor parameters (FSDP2) have DTensor state, sharded alike.
         """
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
@@ -356,12 +480,13 @@ class ChainOptimizer(torch.optim.Optimizer):
             start += len(ids)
             packed_groups.append({**{k: v for k, v in group.items() if k != "params"},
                                   "params": ids})
-            if self._group_states[index] is not None:
-                packed_state.update(zip(ids, self._flat_group(index)))
+            packed_state.update(zip(ids, self._flat_group(index, initial=True)))
         state_dict: dict[str, Any] = {"state": packed_state, "param_groups": packed_groups}
         if self._rounding:
             state_dict["rounding"] = {device: generator.get_state()
                                       for device, generator in self._rounding.items()}
+        if self.skipped_steps:
+            state_dict["skipped_steps"] = self.skipped_steps
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
@@ -376,6 +501,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             if result is not None:
                 state_dict = result
         saved_groups = deepcopy(state_dict["param_groups"])
+        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
         self._rounding = {}
         for device, generator_state in state_dict.get("rounding", {}).items():
             self._rounding[device] = torch.Generator(device)
@@ -391,7 +517,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             ids = saved.pop("params")
             group.update(saved)
-            entries = [state_dict["state"].get(i) for i in ids]
+            entries = [_saved_entry(state_dict["state"], i) for i in ids]
             if all(e is None for e in entries):
                 self._group_states[index], self._group_steps[index] = None, 0
                 continue
@@ -426,17 +552,25 @@ def _make_step(tx: GradientTransformation, apply: bool = True) -> Callable[..., 
     return step
 
 
-def _pieces(params: list[Tensor], active: list[int], tx: GradientTransformation
-            ) -> list[tuple[list[int], slice | None]]:
+def _pieces(params: list[Tensor], active: list[int], tx: GradientTransformation,
+            foreach: bool | None = None) -> list[tuple[list[int], slice | EllipsisType | None]]:
     """How a step runs over the group: ``(parameter indices, rows)`` pieces.
 
-    On CPU, a leafwise transform runs over pieces of about ``CHUNK_ELEMENTS`` elements, each
-    applied while its tensors are in cache; an elementwise one also splits a large parameter
-    into blocks of rows (``rows``, a slice of its first axis). Elsewhere: one piece.
+    With ``foreach=None``: on CPU, a leafwise transform runs over pieces of about
+    ``CHUNK_ELEMENTS`` elements, each applied while its tensors are in cache; an elementwise one
+    also splits a large parameter into blocks of rows (``rows``, a slice of its first axis).
+    Elsewhere: one piece. ``foreach=True``: one piece; ``foreach=False``: one piece per
+    parameter for a leafwise transform. Whatever ``foreach``, an elementwise transform runs
+    DTensor parameters (FSDP2's shards) as one piece of their local shards (``rows`` =
+    ``...``): every entry only needs the same entry of the others.
     """
-    if not tx.leafwise or any(params[i].device.type != "cpu" for i in active):
+    if tx.elementwise and any(is_dtensor(params[i]) for i in active):
+        return [(active, ...)]
+    if foreach is False and tx.leafwise:
+        return [([i], None) for i in active]
+    if foreach or not tx.leafwise or any(params[i].device.type != "cpu" for i in active):
         return [(active, None)]
-    pieces: list[tuple[list[int], slice | None]] = []
+    pieces: list[tuple[list[int], slice | EllipsisType | None]] = []
     current: list[int] = []
     size = 0
     for i in active:
@@ -455,12 +589,13 @@ def _pieces(params: list[Tensor], active: list[int], tx: GradientTransformation
     return pieces
 
 
-def _block(tensor: Tensor, rows: slice | None) -> Tensor:
-    return tensor if rows is None else tensor[rows]
+def _block(tensor: Tensor, rows: slice | EllipsisType | None) -> Tensor:
+    return tensor if rows is None else local_shard(tensor)[rows]
 
 
-def _rows_of(state: Any, rows: slice) -> Any:
-    """The state of one parameter with every per-parameter tensor restricted to ``rows``."""
+def _rows_of(state: Any, rows: slice | EllipsisType) -> Any:
+    """The state of one parameter with every per-parameter tensor restricted to ``rows`` (of
+    its local shard, for a DTensor)."""
     if isinstance(state, list):
         return [_rows_of_entry(entry, rows) for entry in state]
     if isinstance(state, tuple):
@@ -471,12 +606,20 @@ def _rows_of(state: Any, rows: slice) -> Any:
     return state
 
 
-def _rows_of_entry(entry: Any, rows: slice) -> Any:
+def _rows_of_entry(entry: Any, rows: slice | EllipsisType) -> Any:
     if isinstance(entry, Tensor):
-        return entry[rows]
+        return local_shard(entry)[rows]
     if isinstance(entry, (tuple, list)):
         return type(entry)(_rows_of_entry(e, rows) for e in entry)
     return entry
+
+
+def _saved_entry(state: Mapping[Any, Any], index: int) -> dict[str, Any] | None:
+    """Parameter ``index``'s entry of a checkpoint's ``"state"``. Loading into an
+    ``optimizer.state_dict()``, ``torch.distributed.checkpoint.load`` fills the tensors in
+    place but writes the Python values (step counts) under ``str(index)``: those win."""
+    entry, loaded = state.get(index), state.get(str(index))
+    return entry if loaded is None else {**(entry or {}), **loaded}
 
 
 def _value(hyperparameter: Any, step: int) -> Any:
@@ -504,6 +647,14 @@ def _check_gradient(name: str, param: Tensor, accepts_sparse: bool) -> None:
     if grad.layout != torch.strided and not accepts_sparse:
         raise ValueError(f"parameter {name!r} has a sparse gradient; this optimizer needs dense "
                          "gradients (e.g. nn.Embedding(sparse=False))")
+    check_gradient_layout(name, param)
+
+
+def _finite_gradients(groups: list[dict[str, Any]]) -> bool:
+    """Whether every gradient of every group is finite (one host synchronisation)."""
+    grads = [p.grad.coalesce().values() if p.grad.is_sparse else p.grad
+             for group in groups for p in group["params"] if p.grad is not None]
+    return all_finite([g.detach() for g in grads])
 
 
 def _check_graph(params: list[Tensor]) -> None:
@@ -518,10 +669,19 @@ def _check_graph(params: list[Tensor]) -> None:
             "pass a closure to step() and the optimizer runs it with the graph")
 
 
+_HVP_UNDER_DDP = (
+    "this step needs Hessian-vector products (ESGD, RTHO, MARTHE), so the closure's backward "
+    "keeps the gradient's graph (create_graph=True), and DistributedDataParallel cannot "
+    "synchronise such gradients (its reducer fails on them and would not average the "
+    "products). Train this optimizer without DDP, or use a gradient-only one under DDP "
+    "(hd-sgd and hd-adam learn the learning rate from the training gradient)")
+
+
 @contextmanager
 def _backward_with_graph(enabled: bool) -> Iterator[None]:
     """Inside, ``loss.backward()`` (and ``torch.autograd.backward``) builds the graph of the
-    gradient, as with ``create_graph=True``; the optimizer releases it after the step."""
+    gradient, as with ``create_graph=True``; the optimizer releases it after the step. A
+    ``DistributedDataParallel`` forward raises: DDP cannot synchronise such gradients."""
     if not enabled:
         yield
         return
@@ -533,7 +693,7 @@ def _backward_with_graph(enabled: bool) -> Iterator[None]:
 
     torch.autograd.backward = backward
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), refusing_data_parallel(_HVP_UNDER_DDP):
             warnings.filterwarnings("ignore", message=".*create_graph=True.*reference cycle")
             yield
     finally:

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from typing_extensions import Unpack
+
 from gradchain.chains.esgd import esgd_m
 from gradchain.core import GradientTransformation
-from gradchain.optimizers.adapter import ChainOptimizer
+from gradchain.optimizers.adapter import AdapterOptions, ChainOptimizer
 
 __all__ = ["ESGD"]
 
@@ -49,10 +51,11 @@ class ESGD(ChainOptimizer):
     def __init__(self, params: Iterable[Any], lr: float = 1.0,
                  betas: tuple[float, float] = (0.9, 0.999), v: float | None = None,
                  eps: float = 1e-4, weight_decay: float = 0.0, update_d_every: int = 10,
-                 d_warmup: int = 20, lr_warmup: float = 0.99, *, compile: bool = False) -> None:
+                 d_warmup: int = 20, lr_warmup: float = 0.99,
+                 **options: Unpack[AdapterOptions]) -> None:
         super().__init__(params, _esgd, lr=lr, betas=betas, v=v, eps=eps,
                          weight_decay=weight_decay, update_d_every=update_d_every,
-                         d_warmup=d_warmup, lr_warmup=lr_warmup, compile=compile)
+                         d_warmup=d_warmup, lr_warmup=lr_warmup, **options)
 
     def should_create_graph(self) -> bool:
         """Whether the next ``step`` estimates the curvature in some parameter group, so that

@@ -16,9 +16,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from typing_extensions import Unpack
+
 from gradchain.chains import heavyball as recipes
 from gradchain.core import GradientTransformation
-from gradchain.optimizers.adapter import ChainOptimizer
+from gradchain.optimizers.adapter import AdapterOptions, ChainOptimizer
 from gradchain.transforms.schedule_free import to_eval, to_train
 
 __all__ = [
@@ -183,8 +185,9 @@ class _AdamLike(ChainOptimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 0.0025, betas: Betas = (0.9, 0.99),
                  eps: float = 1e-8, weight_decay: float = 0.0, warmup_steps: int = 0, *,
-                 stochastic_rounding: bool = True, compile: bool = False) -> None:
-        super().__init__(params, _with_betas(self._recipe_of), compile=compile,
+                 stochastic_rounding: bool = True,
+                 **options: Unpack[AdapterOptions]) -> None:
+        super().__init__(params, _with_betas(self._recipe_of), **options,
                          stochastic_rounding=stochastic_rounding, lr=lr, betas=betas,
                          eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps)
 
@@ -233,8 +236,9 @@ class SFAdamW(_ScheduleFree):
     def __init__(self, params: Iterable[Any], lr: float = 0.0025, betas: Betas = (0.9, 0.99),
                  eps: float = 1e-8, weight_decay: float = 0.0, warmup_steps: int = 0,
                  r: float = 0.0, weight_lr_power: float = 2.0, *,
-                 stochastic_rounding: bool = True, compile: bool = False) -> None:
-        super().__init__(params, _sfadamw, compile=compile,
+                 stochastic_rounding: bool = True,
+                 **options: Unpack[AdapterOptions]) -> None:
+        super().__init__(params, _sfadamw, **options,
                          stochastic_rounding=stochastic_rounding, lr=lr, betas=betas,
                          eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps, r=r,
                          weight_lr_power=weight_lr_power)
@@ -252,8 +256,9 @@ class PaLMSFAdamW(_ScheduleFree):
                  betas: PaLMBetas = (None, None), eps: float = 1e-8, weight_decay: float = 0.0,
                  warmup_steps: int = 0, r: float = 0.0, weight_lr_power: float = 2.0,
                  beta2_scale: float = 0.8, *, heavyball_debias: bool = False,
-                 stochastic_rounding: bool = True, compile: bool = False) -> None:
-        super().__init__(params, _palm_sfadamw, compile=compile,
+                 stochastic_rounding: bool = True,
+                 **options: Unpack[AdapterOptions]) -> None:
+        super().__init__(params, _palm_sfadamw, **options,
                          stochastic_rounding=stochastic_rounding, lr=lr, beta=beta,
                          betas=betas, eps=eps, weight_decay=weight_decay,
                          warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power,
@@ -275,8 +280,8 @@ class SOAP(ChainOptimizer):
                  max_precond_dim: int = 2048, merge_dims: bool = True,
                  precondition_1d: bool = False, normalize_grads: bool = False,
                  warmup_steps: int = 1, *, stochastic_rounding: bool = True,
-                 compile: bool = False) -> None:
-        super().__init__(params, _soap, compile=compile,
+                 **options: Unpack[AdapterOptions]) -> None:
+        super().__init__(params, _soap, **options,
                          stochastic_rounding=stochastic_rounding, lr=lr, betas=betas,
                          shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
                          precondition_frequency=precondition_frequency,
@@ -299,8 +304,8 @@ class PaLMSOAP(ChainOptimizer):
                  precondition_1d: bool = False, normalize_grads: bool = False,
                  warmup_steps: int = 1, beta2_scale: float = 0.8, *,
                  heavyball_debias: bool = False, stochastic_rounding: bool = True,
-                 compile: bool = False) -> None:
-        super().__init__(params, _palm_soap, compile=compile,
+                 **options: Unpack[AdapterOptions]) -> None:
+        super().__init__(params, _palm_soap, **options,
                          stochastic_rounding=stochastic_rounding, lr=lr, beta=beta,
                          betas=betas, shampoo_beta=shampoo_beta, eps=eps,
                          weight_decay=weight_decay,
@@ -326,8 +331,9 @@ class SFPaLMSOAP(_ScheduleFree):
                  normalize_grads: bool = False, warmup_steps: int = 1, r: float = 0.0,
                  weight_lr_power: float = 2.0, gradient_clip_val: float = 0.1,
                  betas: PaLMBetas = (None, None), *, heavyball_debias: bool = False,
-                 stochastic_rounding: bool = True, compile: bool = False) -> None:
-        super().__init__(params, _sf_palm_soap, compile=compile,
+                 stochastic_rounding: bool = True,
+                 **options: Unpack[AdapterOptions]) -> None:
+        super().__init__(params, _sf_palm_soap, **options,
                          stochastic_rounding=stochastic_rounding, lr=lr, beta=beta,
                          betas=betas, beta2_scale=beta2_scale, eps=eps,
                          weight_decay=weight_decay,
@@ -354,8 +360,9 @@ class PrecondScheduleSFPaLMSOAP(_ScheduleFree):
                  gradient_clip_val: float = 0.1,
                  precond_scheduler: tuple[float, float] = (1 / 3, 9),
                  betas: PaLMBetas = (None, None), *, heavyball_debias: bool = False,
-                 stochastic_rounding: bool = True, compile: bool = False) -> None:
-        super().__init__(params, _ps_sf_palm_soap, compile=compile,
+                 stochastic_rounding: bool = True,
+                 **options: Unpack[AdapterOptions]) -> None:
+        super().__init__(params, _ps_sf_palm_soap, **options,
                          stochastic_rounding=stochastic_rounding, lr=lr,
                          beta=beta, betas=betas, beta2_scale=beta2_scale, eps=eps,
                          weight_decay=weight_decay, precond_scheduler=precond_scheduler,
@@ -381,8 +388,8 @@ class PrecondSchedulePaLMSOAP(ChainOptimizer):
                  precond_scheduler: tuple[float, float] = (1 / 3, 9),
                  betas: PaLMBetas = (None, None), beta2_scale: float = 0.8, *,
                  heavyball_debias: bool = False, stochastic_rounding: bool = True,
-                 compile: bool = False) -> None:
-        super().__init__(params, _ps_palm_soap, compile=compile,
+                 **options: Unpack[AdapterOptions]) -> None:
+        super().__init__(params, _ps_palm_soap, **options,
                          stochastic_rounding=stochastic_rounding, lr=lr, beta=beta,
                          betas=betas, shampoo_beta=shampoo_beta, eps=eps,
                          weight_decay=weight_decay, precond_scheduler=precond_scheduler,
@@ -406,8 +413,9 @@ class PrecondScheduleSOAP(ChainOptimizer):
                  merge_dims: bool = True, precondition_1d: bool = False,
                  normalize_grads: bool = False, warmup_steps: int = 1,
                  precond_scheduler: tuple[float, float] = (1 / 3, 9), *,
-                 stochastic_rounding: bool = True, compile: bool = False) -> None:
-        super().__init__(params, _ps_soap, compile=compile,
+                 stochastic_rounding: bool = True,
+                 **options: Unpack[AdapterOptions]) -> None:
+        super().__init__(params, _ps_soap, **options,
                          stochastic_rounding=stochastic_rounding, lr=lr, betas=betas,
                          shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
                          precond_scheduler=precond_scheduler, max_precond_dim=max_precond_dim,

@@ -13,15 +13,24 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
 from gradchain.chains.hypergrad import hd_adam, hd_sgd, marthe, rtho
 from gradchain.core import GradientTransformation
-from gradchain.optimizers.adapter import ChainOptimizer
+from gradchain.distributed import refusing_data_parallel
+from gradchain.optimizers.adapter import AdapterOptions, ChainOptimizer
 from gradchain.transforms.hypergrad import hypergrad_lr_value
 
 __all__ = ["HDSGD", "HDAdam", "RTHO", "MARTHE"]
 
 Betas = tuple[float, float]
+
+_VALIDATION_UNDER_DDP = (
+    "RTHO and MARTHE take the validation gradient with torch.autograd.grad, which "
+    "DistributedDataParallel does not average across processes (each would learn its own "
+    "learning rate), and their hyper-steps need Hessian-vector products, which DDP cannot "
+    "synchronise. Train them without DDP, or use hd-sgd or hd-adam, which learn the learning "
+    "rate from the training gradient and run under DDP")
 
 
 def _hd_sgd(lr: float, momentum: float, weight_decay: float, nesterov: bool,
@@ -116,7 +125,7 @@ class _Validated(_LearnedLR):
     def _validation_gradient(self, val_closure: Callable[[], Tensor]) -> list[Tensor | None]:
         params = [p for group in self.param_groups for p in group["params"]]
         trainable = [p for p in params if p.requires_grad]
-        with torch.enable_grad():
+        with torch.enable_grad(), refusing_data_parallel(_VALIDATION_UNDER_DDP):
             loss = val_closure()
             grads = torch.autograd.grad(loss, trainable, allow_unused=True)
         by_id = {id(p): g for p, g in zip(trainable, grads)}
@@ -145,9 +154,10 @@ class HDSGD(_LearnedLR):
 
     def __init__(self, params: Iterable[Any], lr: float, momentum: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False,
-                 hypergrad_lr: float = 1e-6) -> None:
-        super().__init__(params, _hd_sgd, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                         nesterov=nesterov, hypergrad_lr=hypergrad_lr)
+                 hypergrad_lr: float = 1e-6, **options: Unpack[AdapterOptions]
+                 ) -> None:
+        super().__init__(params, _hd_sgd, **options, lr=lr, momentum=momentum,
+                         weight_decay=weight_decay, nesterov=nesterov, hypergrad_lr=hypergrad_lr)
 
 
 class HDAdam(_LearnedLR):
@@ -155,18 +165,17 @@ class HDAdam(_LearnedLR):
     hypergradient of the training loss, with AdaTune's ``AdamHD`` names and defaults.
 
     Recipe ``chains.hypergrad.hd_adam``; state keys ``hypergrad.lr``, ``hypergrad.hyper_lr``,
-    ``hypergrad.prev_update``, ``hypergrad.count``, ``adam.inner.mu``, ``adam.inner.nu``,
-    ``adam.inner.count``, ``adam.hyperparams.*``, ``adam.count`` and ``step``. Needs no
-    Hessian-vector product and no validation data.
+    ``hypergrad.prev_update``, ``hypergrad.count``, ``adam.mu``, ``adam.nu``, ``adam.count``
+    and ``step``. Needs no Hessian-vector product and no validation data.
 
     Example:
         >>> opt = HDAdam(torch.nn.Linear(4, 1).parameters(), lr=1e-3, hypergrad_lr=1e-8)
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: Betas = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, hypergrad_lr: float = 1e-8
-                 ) -> None:
-        super().__init__(params, _hd_adam, lr=lr, betas=betas, eps=eps,
+                 eps: float = 1e-8, weight_decay: float = 0.0, hypergrad_lr: float = 1e-8,
+                 **options: Unpack[AdapterOptions]) -> None:
+        super().__init__(params, _hd_adam, **options, lr=lr, betas=betas, eps=eps,
                          weight_decay=weight_decay, hypergrad_lr=hypergrad_lr)
 
 
@@ -215,8 +224,9 @@ class MARTHE(_Validated):
                  momentum: float = 0.9, nesterov: bool = False, betas: Betas = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, first_order: bool = False,
                  lr_in_jacobian: str = "current", min_lr: float | None = None,
-                 clip_training_grad: bool = False) -> None:
-        super().__init__(params, _marthe, lr=lr, hyper_lr=hyper_lr, mu=mu, alpha=alpha,
+                 clip_training_grad: bool = False, **options: Unpack[AdapterOptions]
+                 ) -> None:
+        super().__init__(params, _marthe, **options, lr=lr, hyper_lr=hyper_lr, mu=mu, alpha=alpha,
                          grad_clip=grad_clip, dynamics=dynamics, momentum=momentum,
                          nesterov=nesterov, betas=betas, eps=eps, weight_decay=weight_decay,
                          first_order=first_order, lr_in_jacobian=lr_in_jacobian, min_lr=min_lr,
@@ -243,8 +253,9 @@ class RTHO(_Validated):
                  betas: Betas = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  alpha: float = 0.0, grad_clip: float | None = 100.0,
                  lr_in_jacobian: str = "current", min_lr: float | None = None,
-                 clip_training_grad: bool = False) -> None:
-        super().__init__(params, _rtho, lr=lr, hyper_lr=hyper_lr, dynamics=dynamics,
+                 clip_training_grad: bool = False, **options: Unpack[AdapterOptions]
+                 ) -> None:
+        super().__init__(params, _rtho, **options, lr=lr, hyper_lr=hyper_lr, dynamics=dynamics,
                          momentum=momentum, nesterov=nesterov, betas=betas, eps=eps,
                          weight_decay=weight_decay, alpha=alpha, grad_clip=grad_clip,
                          lr_in_jacobian=lr_in_jacobian, min_lr=min_lr,

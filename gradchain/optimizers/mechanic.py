@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from gradchain.core import (
+    all_finite,
     check_dense_real,
     flatten_state,
     merge_state,
@@ -18,7 +19,8 @@ from gradchain.core import (
     state_dtype,
     unflatten_state,
 )
-from gradchain.optimizers.adapter import _backward_with_graph
+from gradchain.distributed import local_shard, local_shards, sum_over_shards
+from gradchain.optimizers.adapter import _backward_with_graph, _saved_entry
 from gradchain.transforms.mechanic import (
     DEFAULT_BETAS,
     MechanicRule,
@@ -30,12 +32,21 @@ from gradchain.transforms.mechanic import (
 
 __all__ = ["mechanize", "Mechanized"]
 
+#: The start of the keys of Mechanic's state in the state_dict's parameter entries.
+_PREFIX = "mechanized."
+
 
 class Mechanized:
     """The mixin of every class that ``mechanize`` returns (``isinstance(opt, Mechanized)``
     says whether an optimizer is mechanized). It expects a ``torch.optim.Optimizer`` after it
     in the method resolution order and a class attribute ``_rule``, Mechanic's
-    ``MechanicRule``."""
+    ``MechanicRule``.
+
+    Example:
+        >>> opt = mechanize(torch.optim.Adam)([torch.nn.Parameter(torch.zeros(2))])
+        >>> isinstance(opt, Mechanized), opt.scale  # no scale before the first step
+        (True, None)
+    """
 
     _rule: MechanicRule
     _mechanic_state: MechanicState | None = None  # over all parameters, in param-group order
@@ -66,8 +77,10 @@ class Mechanized:
             x = [params[i].detach() for i in active]
             g = [params[i].grad.detach() for i in active]
             check_dense_real(g, "mechanize")  # before anything moves
+            if getattr(self, "_skip_nonfinite", False) and not all_finite(g):
+                return self._base_step()(loss_closure, **kwargs)  # it skips, and so do we
             if part.count == 0:
-                torch._foreach_copy_(part.x_ref, x)
+                torch._foreach_copy_(local_shards(part.x_ref), local_shards(x, part.x_ref))
             x_before = [p.to(state_dtype(p), copy=True) for p in x]
             # the sums that read the gradient, taken before the base step (which may change
             # .grad in place): <g, shift> and |g|, shift = x - x_ref (or the stored delta);
@@ -90,29 +103,46 @@ class Mechanized:
         return result
 
     def state_dict(self) -> dict[str, Any]:
-        """The base's ``state_dict()`` plus ``"mechanic"`` (from the first step on):
-        ``{"state": {id: {"x_ref": tensor}}, "count": int, "s": tensor, "m": ..., "v": ...,
-        "r": ..., "delta": None}`` with torch's parameter ids; with ``store_delta`` every
-        ``"state"`` entry also holds ``"delta"`` (and there is no top-level ``"delta"``)."""
+        """The base's ``state_dict()`` with Mechanic's state added to every parameter's entry
+        (torch's parameter ids), under keys that start with ``"mechanized."``:
+        ``"mechanized.x_ref"`` (and ``"mechanized.delta"`` with ``store_delta``), and the
+        values shared by all parameters, repeated in each: ``"mechanized.count"``,
+        ``"mechanized.s"``, ``"mechanized.m"``, ``"mechanized.v"``, ``"mechanized.r"``.
+        Before the first step they hold the initial state (count 0). In this layout the state
+        survives ``torch.distributed.checkpoint``'s ``get_optimizer_state_dict``, which keeps
+        only ``"state"`` and ``"param_groups"``."""
         state_dict = super().state_dict()  # type: ignore[misc]
-        state = self._mechanic_state
-        if state is not None:
-            per_param, shared = flatten_state(state, len(state.x_ref))
-            state_dict["mechanic"] = {"state": dict(enumerate(per_param)), **shared}
-        return state_dict
+        params = self._all_params()
+        per_param, shared = flatten_state(self._state_over(params), len(params))
+        packed = dict(state_dict["state"])  # the base's entries may be its live state: copied
+        for i, entry in enumerate(per_param):
+            ours = {f"{_PREFIX}{key}": value for key, value in {**shared, **entry}.items()}
+            packed[i] = {**packed.get(i, {}), **ours}
+        return {**state_dict, "state": packed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a ``state_dict()``; continuing gives the same trajectory as never stopping."""
-        state_dict = dict(state_dict)
-        packed = state_dict.pop("mechanic", None)
-        super().load_state_dict(state_dict)  # type: ignore[misc]
-        if packed is None:
+        base_state, ours = {}, {}
+        for key, entry in state_dict["state"].items():
+            base = {k: v for k, v in entry.items() if not k.startswith(_PREFIX)}
+            if base:
+                base_state[key] = base
+            ours[key] = {k[len(_PREFIX):]: v for k, v in entry.items() if k.startswith(_PREFIX)}
+        super().load_state_dict({**state_dict, "state": base_state})  # type: ignore[misc]
+        params = self._all_params()
+        # the saved ids in the order of the parameters (torch's ids, or the names that
+        # torch.distributed.checkpoint's set_optimizer_state_dict passes)
+        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        per_param = [_saved_entry(ours, i) or {} for i in ids]
+        if not any(per_param):
             self._mechanic_state = None
             return
-        params = self._all_params()
-        shared = {key: value for key, value in packed.items() if key != "state"}
-        per_param = [packed["state"].get(i, {}) for i in range(len(params))]
-        self._mechanic_state = unflatten_state(self._rule.init(params), per_param, shared)
+        saved_delta = per_param[0].get("delta") is not None
+        if saved_delta != self._rule.store_delta:
+            raise ValueError(f"the checkpoint was saved with store_delta={saved_delta} (Mechanic's "
+                             f"stored displacement 'delta'), this optimizer has "
+                             f"store_delta={self._rule.store_delta}")
+        self._mechanic_state = unflatten_state(self._rule.init(params), per_param, per_param[0])
 
     # ------------------------------------------------------------------------------------------
 
@@ -175,9 +205,12 @@ def mechanize(optimizer_class: type[torch.optim.Optimizer], *, s_decay: float = 
     parameters without a gradient are left out of a step. ``add_param_group``, ``zero_grad``,
     LR schedulers (they act on the base's ``group["lr"]``), closures (run once; the base gets a
     closure that replays that loss first), Hessian-vector products of gradchain optimizers
-    (``needs_hvp()``), step hooks and ``state_dict``/``load_state_dict`` (the base's plus a
-    ``"mechanic"`` entry, loadable with ``torch.load(weights_only=True)``) work. ``scale``
-    is the current S, for logging.
+    (``needs_hvp()``), step hooks and ``state_dict``/``load_state_dict`` (the base's, with
+    Mechanic's state in every parameter's entry, loadable with
+    ``torch.load(weights_only=True)`` and ``torch.distributed.checkpoint``) work. ``scale``
+    is the current S, for logging. The options of a gradchain base (``compile``, ``foreach``,
+    ``skip_nonfinite``, ...) apply to its step; when it skips a step for a non-finite
+    gradient, Mechanic's state is left alone too.
 
     Memory: one parameter-sized buffer persists beyond the base's state, x_ref (two with
     ``store_delta=True``). During a step, the parameters that have gradients are copied once
@@ -214,14 +247,17 @@ def mechanize(optimizer_class: type[torch.optim.Optimizer], *, s_decay: float = 
 def _shift_products(rule: MechanicRule, state: MechanicState, vectors: list[list[Tensor]],
                     x: list[Tensor]) -> list[Tensor]:
     r""":math:`\langle a, \text{shift}\rangle` for every list a of ``vectors``, with shift =
-    x - x_ref formed one parameter at a time (or the stored delta), in the scalars' dtype."""
+    x - x_ref formed one parameter at a time (or the stored delta), in the scalars' dtype; over
+    DTensors, from their local shards and one collective per sum."""
     sums: list[list[Tensor]] = [[] for _ in vectors]
     like = state.s
     for i, (xi, ref) in enumerate(zip(x, state.x_ref)):
-        shift = (state.delta[i] if rule.store_delta else xi - ref).reshape(-1).to(like.dtype)
+        shift = local_shard(state.delta[i] if rule.store_delta else xi - ref, xi)
+        shift = shift.reshape(-1).to(like.dtype)
         for total, a in zip(sums, vectors):
-            total.append(torch.dot(a[i].reshape(-1).to(like.dtype), shift).to(like.device))
-    return [torch.stack(total).sum() for total in sums]
+            total.append(torch.dot(local_shard(a[i], xi).reshape(-1).to(like.dtype), shift)
+                         .to(like.device))
+    return [torch.stack(sum_over_shards(total, x)).sum() for total in sums]
 
 
 def _write_scaled(rule: MechanicRule, state: MechanicState, new: MechanicState,

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from typing_extensions import Unpack
+
 from gradchain.chains.sm3 import sm3
 from gradchain.core import GradientTransformation, check_decay, check_non_negative
-from gradchain.optimizers.adapter import ChainOptimizer
+from gradchain.optimizers.adapter import AdapterOptions, ChainOptimizer
 
 __all__ = ["SM3"]
 
@@ -38,6 +40,6 @@ class SM3(ChainOptimizer):
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 0.1, momentum: float = 0.0,
-                 beta: float = 0.0, eps: float = 1e-30, *, compile: bool = False) -> None:
+                 beta: float = 0.0, eps: float = 1e-30, **options: Unpack[AdapterOptions]) -> None:
         super().__init__(params, _sm3, lr=lr, momentum=momentum, beta=beta, eps=eps,
-                         compile=compile)
+                         **options)

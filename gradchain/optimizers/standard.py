@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from typing_extensions import Unpack
+
 from gradchain import chains
 from gradchain.core import GradientTransformation
-from gradchain.optimizers.adapter import ChainOptimizer
+from gradchain.optimizers.adapter import AdapterOptions, ChainOptimizer
 
 __all__ = ["SGD", "Adam", "AdamW"]
 
@@ -38,10 +40,10 @@ class SGD(ChainOptimizer):
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, momentum: float = 0.0,
-                 weight_decay: float = 0.0, nesterov: bool = False, *,
-                 compile: bool = False) -> None:
+                 weight_decay: float = 0.0, nesterov: bool = False,
+                 **options: Unpack[AdapterOptions]) -> None:
         super().__init__(params, _sgd, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                         nesterov=nesterov, compile=compile)
+                         nesterov=nesterov, **options)
 
 
 class Adam(ChainOptimizer):
@@ -56,9 +58,9 @@ class Adam(ChainOptimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, *, compile: bool = False) -> None:
+                 weight_decay: float = 0.0, **options: Unpack[AdapterOptions]) -> None:
         super().__init__(params, _adam, lr=lr, betas=betas, eps=eps,
-                         weight_decay=weight_decay, compile=compile)
+                         weight_decay=weight_decay, **options)
 
 
 class AdamW(ChainOptimizer):
@@ -73,6 +75,6 @@ class AdamW(ChainOptimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, *, compile: bool = False) -> None:
+                 weight_decay: float = 1e-2, **options: Unpack[AdapterOptions]) -> None:
         super().__init__(params, _adamw, lr=lr, betas=betas, eps=eps,
-                         weight_decay=weight_decay, compile=compile)
+                         weight_decay=weight_decay, **options)

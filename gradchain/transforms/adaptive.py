@@ -37,7 +37,7 @@ class RmsState(NamedTuple):
     nu: list[Tensor]
 
 
-def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: Hyper = 1e-8,
                   eps_root: float = 0.0, nesterov: bool = False) -> GradientTransformation:
     """Adam's preconditioner (Kingma & Ba, 2015), optax's convention.
 
@@ -55,6 +55,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     parameter (float32 for 16-bit parameters). ``b2`` may be a schedule of the step count;
     the bias correction is then :math:`1 - \\prod_j \\beta_{2,j}` (``core.decay_product``:
     none for ``palm_beta2``), and a ``palm_beta2`` earlier in the chain replaces ``b2``.
+    ``eps`` may be a schedule too (HD-Adam's eps on the uncorrected :math:`\\sqrt{v}`).
 
     Example:
         >>> tx = scale_by_adam()
@@ -90,12 +91,13 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
             denom = torch._foreach_sqrt(nu)
             torch._foreach_mul_(denom, hoist(correction1 / correction2 ** 0.5))
             # a list of the scalar: dynamo reads a single tensor scalar of foreach_add with .item()
-            torch._foreach_add_(denom, [hoist(eps * correction1)] * len(denom))
+            torch._foreach_add_(denom, [hoist(resolve(eps, state.count) * correction1)]
+                                * len(denom))
         else:
             denom = torch._foreach_mul(nu, hoist(1.0 / correction2))
             torch._foreach_add_(denom, eps_root)
             torch._foreach_sqrt_(denom)
-            torch._foreach_add_(denom, eps)
+            torch._foreach_add_(denom, resolve(eps, state.count))
             torch._foreach_mul_(denom, hoist(correction1))
         if nesterov:
             # beta1 m / (1 - beta1^(t+1)) + (1 - beta1) u / (1 - beta1^t), over denom / c1

@@ -20,6 +20,7 @@ from gradchain.core import (
     state_dtype,
     writable,
 )
+from gradchain.distributed import local_shards, norms_over_shards
 
 __all__ = ["clip", "clip_by_global_norm", "clip_by_agc", "global_norm"]
 
@@ -28,7 +29,7 @@ def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The Euclidean norm of all entries of all tensors, as a 0-d tensor (no host sync).
 
     Accumulated in float64 when any tensor is float64, in float32 otherwise (also for 16-bit
-    tensors).
+    tensors). DTensors (FSDP2's shards) count with all their entries, on every process.
 
     Example:
         >>> global_norm([torch.tensor([3.0]), torch.tensor([4.0])])
@@ -37,7 +38,7 @@ def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     if not tensors:
         return torch.zeros(())
     wide = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    norms = torch._foreach_norm(tensors, dtype=wide)
+    norms = norms_over_shards(torch._foreach_norm(local_shards(tensors), dtype=wide), tensors)
     return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
 
 
@@ -110,14 +111,20 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
 
 
 def _leaf_norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The Frobenius norm of every tensor, a 0-d tensor in its state dtype (16-bit tensors
-    accumulate in and return float32): one ``_foreach_norm`` per dtype, no host sync."""
+    """The Frobenius norm of every tensor (of the whole tensor, for a DTensor), a 0-d tensor in
+    its state dtype (16-bit tensors accumulate in and return float32): one ``_foreach_norm`` per
+    dtype, no host sync."""
     dtypes = [state_dtype(t) for t in tensors]
+    shards = local_shards(tensors)
     norms: dict[int, torch.Tensor] = {}
     for dtype in set(dtypes):
         index = [i for i, d in enumerate(dtypes) if d == dtype]
-        norms.update(zip(index, torch._foreach_norm([tensors[i] for i in index], dtype=dtype)))
-    return [norms[i] for i in range(len(tensors))]
+        norms.update(zip(index, torch._foreach_norm([shards[i] for i in index], dtype=dtype)))
+    return norms_over_shards([norms[i] for i in range(len(tensors))], tensors)
+
+
+#: clip_by_agc's least eps: with eps = 0, a zero update of a zero parameter was 0 * (0/0) = NaN
+_EPS_FLOOR = torch.finfo(torch.float32).tiny
 
 
 def clip_by_agc(clip: float = 0.1, min_param_norm: float = 1e-3, eps: float = 1e-8
@@ -129,10 +136,12 @@ def clip_by_agc(clip: float = 0.1, min_param_norm: float = 1e-3, eps: float = 1e
 
     for every parameter x and its update u separately (Frobenius norms), c = ``clip``
     (default 0.1), m = ``min_param_norm`` (default 1e-3; keeps zero-initialised parameters
-    moving) and eps = 1e-8. An update is rescaled only when its norm exceeds ``clip`` times
-    the parameter's; ``clip <= 0`` disables the transform (identity). Needs ``params``. The
-    factors stay on the device (no host synchronisation); norms of 16-bit tensors accumulate
-    in float32. A non-finite update norm makes that parameter's updates non-finite.
+    moving) and eps = 1e-8 (floored at float32's smallest normal number, so that a zero
+    update stays zero instead of 0/0). An update is rescaled only when its norm exceeds
+    ``clip`` times the parameter's; ``clip <= 0`` disables the transform (identity). Needs
+    ``params``. The factors stay on the device (no host synchronisation); norms of 16-bit
+    tensors accumulate in float32. A non-finite update norm makes that parameter's updates
+    non-finite.
 
     Example:
         >>> tx = clip_by_agc(0.1)
@@ -160,11 +169,11 @@ def clip_by_agc(clip: float = 0.1, min_param_norm: float = 1e-3, eps: float = 1e
         torch._foreach_maximum_(factors, min_param_norm)
         torch._foreach_mul_(factors, clip)
         update_norms = _leaf_norms(u)
-        torch._foreach_maximum_(update_norms, eps)
+        torch._foreach_maximum_(update_norms, max(eps, _EPS_FLOOR))
         factors = torch._foreach_div(factors, update_norms)
         torch._foreach_clamp_max_(factors, 1.0)
         out = writable(u, extras)
-        torch._foreach_mul_(out, factors)
+        torch._foreach_mul_(local_shards(out), factors)
         return as_tree(updates, out), state
 
     return GradientTransformation(init, update, leafwise=True)

@@ -46,6 +46,13 @@ from gradchain.core import (
     writable,
     zeros_like_state,
 )
+from gradchain.distributed import (
+    CURVATURE_INSTEAD,
+    check_whole,
+    local_shard,
+    local_shards,
+    sum_over_shards,
+)
 
 __all__ = [
     "HDState",
@@ -75,6 +82,15 @@ LR_FLOOR_FACTOR = 1e-3
 
 
 class HDState(NamedTuple):
+    """State of ``hypergrad_lr(mode="hd")``: η and β as float64 0-d tensors, and the previous
+    direction :math:`u_{t-1}` (zeros at first, so :math:`\\eta_1 = \\eta_0`).
+
+    Example:
+        >>> state = hypergrad_lr("hd", init_lr=0.1, hyper_lr=0.01).init([torch.zeros(2, 3)])
+        >>> state.count, float(state.lr), state.prev_update[0].shape
+        (0, 0.1, torch.Size([2, 3]))
+    """
+
     count: int
     lr: Tensor                  # η, float64 0-d
     hyper_lr: Tensor            # β (changes only with alpha > 0)
@@ -82,25 +98,68 @@ class HDState(NamedTuple):
 
 
 class SgdTangent(NamedTuple):
+    """The tangent of ``dynamics="sgd"`` in a ``MartheState``: :math:`Z^x` only.
+
+    Example:
+        >>> tx = hypergrad_lr("marthe", init_lr=0.1, hyper_lr=1e-3)
+        >>> tx.init([torch.zeros(2, 3)]).tangent.x[0].shape
+        torch.Size([2, 3])
+    """
+
     x: list[Tensor]             # Z^x = ∂x_t/∂η
 
 
 class MomentumTangent(NamedTuple):
+    """The tangent of ``dynamics="sgd_momentum"``: :math:`Z^x` and the momentum buffer's
+    :math:`Z^b`.
+
+    Example:
+        >>> tx = hypergrad_lr("marthe", init_lr=0.1, hyper_lr=1e-3, dynamics="sgd_momentum")
+        >>> tx.init([torch.zeros(2, 3)]).tangent._fields
+        ('x', 'momentum')
+    """
+
     x: list[Tensor]             # Z^x
     momentum: list[Tensor]      # Z^b = ∂b_{t-1}/∂η, the momentum buffer's tangent
 
 
 class AdamTangent(NamedTuple):
+    """The tangent of ``dynamics="adam"``: :math:`Z^x` and the moments' :math:`Z^m`,
+    :math:`Z^v`.
+
+    Example:
+        >>> tx = hypergrad_lr("marthe", init_lr=0.1, hyper_lr=1e-3, dynamics="adam")
+        >>> tx.init([torch.zeros(2, 3)]).tangent._fields
+        ('x', 'm', 'v')
+    """
+
     x: list[Tensor]             # Z^x
     m: list[Tensor]             # Z^m, the first moment's tangent
     v: list[Tensor]             # Z^v, the second moment's tangent
 
 
 class MomentumBuffer(NamedTuple):
+    """The buffers of ``dynamics="sgd_momentum"``: :math:`b_t = m b_{t-1} + d_t` (PyTorch's
+    SGD convention), zeros at first.
+
+    Example:
+        >>> tx = hypergrad_lr("marthe", init_lr=0.1, hyper_lr=1e-3, dynamics="sgd_momentum")
+        >>> tx.init([torch.zeros(2, 3)]).dynamics.momentum[0].shape
+        torch.Size([2, 3])
+    """
+
     momentum: list[Tensor]      # b (PyTorch SGD convention)
 
 
 class AdamMoments(NamedTuple):
+    """The buffers of ``dynamics="adam"``: Adam's moments m and v, not bias-corrected.
+
+    Example:
+        >>> tx = hypergrad_lr("marthe", init_lr=0.1, hyper_lr=1e-3, dynamics="adam")
+        >>> tx.init([torch.zeros(2, 3)]).dynamics.v[0].shape
+        torch.Size([2, 3])
+    """
+
     m: list[Tensor]             # first moment (not bias-corrected)
     v: list[Tensor]             # second moment (not bias-corrected)
 
@@ -110,6 +169,17 @@ Buffers = Union[EmptyState, MomentumBuffer, AdamMoments]
 
 
 class MartheState(NamedTuple):
+    """State of ``hypergrad_lr(mode="marthe")``: the scalars η, β, μ and c (float64 0-d
+    tensors), the tangent and buffers of its ``dynamics``, and the previous training gradient
+    (automatic μ only; ``None`` entries otherwise).
+
+    Example:
+        >>> tx = hypergrad_lr("marthe", init_lr=0.1, hyper_lr=1e-3, dynamics="adam")
+        >>> state = tx.init([torch.zeros(2, 3)])
+        >>> type(state.tangent).__name__, type(state.dynamics).__name__, state.prev_grad
+        ('AdamTangent', 'AdamMoments', [None])
+    """
+
     count: int
     lr: Tensor                  # η, float64 0-d
     hyper_lr: Tensor            # β
@@ -128,12 +198,14 @@ def _scalar(value: float) -> Tensor:
 # List helpers
 
 
-def _dot(a: list[Tensor], b: list[Tensor]) -> float:
-    """:math:`\\langle a, b\\rangle` over all leaves, accumulated in float64 (one host sync)."""
+def _dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    """:math:`\\langle a, b\\rangle` over all leaves, accumulated in float64, as a 0-d tensor
+    (no host synchronisation)."""
     if not a:
-        return 0.0
-    sums = [(x * y).sum(dtype=torch.float64) for x, y in zip(a, b)]
-    return float(torch.stack([s.to(sums[0].device) for s in sums]).sum())
+        return _scalar(0.0)
+    sums = [(local_shard(x) * local_shard(y, x)).sum(dtype=torch.float64) for x, y in zip(a, b)]
+    sums = sum_over_shards(sums, a)  # DTensors: the sums of the whole tensors
+    return torch.stack([s.to(sums[0].device) for s in sums]).sum()
 
 
 def _clipped(tensors: list[Tensor], bound: float | None) -> list[Tensor]:
@@ -246,22 +318,24 @@ def _restart(tangent: Tangent, direction: list[Tensor]) -> None:
     torch._foreach_sub_(tangent.x, direction)
 
 
-def _carry_x(x: list[Tensor], change: list[Tensor], direction: list[Tensor], mu: float,
-             lr: float) -> None:
-    """:math:`Z^x \\leftarrow \\mu (Z^x - \\eta_J\\,\\delta) - D_t`, in place."""
-    torch._foreach_add_(x, change, alpha=-lr)
+def _carry_x(x: list[Tensor], change: list[Tensor], direction: list[Tensor],
+             mu: float | Tensor, lr: float | Tensor) -> None:
+    """:math:`Z^x \\leftarrow \\mu (Z^x - \\eta_J\\,\\delta) - D_t`, in place (μ and η_J may be
+    0-d tensors)."""
+    torch._foreach_sub_(x, torch._foreach_mul(change, lr))
     torch._foreach_mul_(x, mu)
     torch._foreach_sub_(x, direction)
 
 
 def _sgd_tangent(tangent: SgdTangent, curvature: list[Tensor], direction: list[Tensor],
-                 mu: float, lr: float) -> None:
+                 mu: float | Tensor, lr: float | Tensor) -> None:
     """:math:`Z^x \\leftarrow \\mu (Z^x - \\eta_J \\tilde H Z^x) - D_t`."""
     _carry_x(tangent.x, curvature, direction, mu, lr)
 
 
 def _momentum_tangent(tangent: MomentumTangent, curvature: list[Tensor],
-                      direction: list[Tensor], mu: float, lr: float, momentum: float,
+                      direction: list[Tensor], mu: float | Tensor, lr: float | Tensor,
+                      momentum: float,
                       nesterov: bool) -> None:
     """:math:`M = \\tilde H Z^x + m Z^b`; :math:`Z^x \\leftarrow \\mu (Z^x - \\eta_J M) - D_t`
     (Nesterov: :math:`\\tilde H Z^x + m M` for M); :math:`Z^b \\leftarrow \\mu M`."""
@@ -273,7 +347,8 @@ def _momentum_tangent(tangent: MomentumTangent, curvature: list[Tensor],
 
 
 def _adam_tangent(tangent: AdamTangent, curvature: list[Tensor], direction: list[Tensor],
-                  terms: _AdamTerms, d: list[Tensor], mu: float, lr: float, b1: float,
+                  terms: _AdamTerms, d: list[Tensor], mu: float | Tensor, lr: float | Tensor,
+                  b1: float,
                   b2: float) -> None:
     """:math:`M = \\beta_1 Z^m + (1-\\beta_1) \\tilde H Z^x`,
     :math:`V = \\beta_2 Z^v + 2(1-\\beta_2)\\, d_t \\odot \\tilde H Z^x`,
@@ -563,6 +638,16 @@ def _hyper_step(lr: float, hyper_lr: float, hypergrad: float, alpha: float,
     return lr, _adapt_hyper_lr(hyper_lr, alpha, hypergrad, lr)
 
 
+@torch.compiler.disable
+def _hd_hyper_step(lr: Tensor, hyper_lr: Tensor, hypergrad: Tensor, alpha: float,
+                   min_lr: float | None) -> tuple[Tensor, Tensor]:
+    """``_hyper_step`` on the state's 0-d tensors: the scalar branches and warnings run
+    eagerly (one host synchronisation), and a compiled step receives the new η and β as
+    tensors, so their values never specialise (recompile) it."""
+    stepped = _hyper_step(float(lr), float(hyper_lr), float(hypergrad), alpha, min_lr)
+    return (lr, hyper_lr) if stepped is None else (_scalar(stepped[0]), _scalar(stepped[1]))
+
+
 def _hd(init_lr: float, hyper_lr: float, alpha: float, clip: float | None, weight_decay: float,
         min_lr: float | None) -> GradientTransformation:
 
@@ -580,16 +665,16 @@ def _hd(init_lr: float, hyper_lr: float, alpha: float, clip: float | None, weigh
             raise ValueError(f"{_NAME}(mode='hd') needs the 'grads' extra (the raw gradient): "
                              "put it in a chain, which adds it, or pass grads=... to update")
         _check_params_for_decay(weight_decay, params)
-        lr, beta = float(state.lr), float(state.hyper_lr)
+        lr, beta = state.lr, state.hyper_lr
         if t > 1:  # u_0 = 0: no hyper-step on the first call
             g = _plus_decay(leaves(extras["grads"]), None if params is None else leaves(params),
                             weight_decay)
             hypergrad = -_dot(_clipped(_like(g, u), clip), _clipped(state.prev_update, clip))
-            lr, beta = _hyper_step(lr, beta, hypergrad, alpha, min_lr) or (lr, beta)
-        torch._foreach_copy_(state.prev_update, u)
+            lr, beta = _hd_hyper_step(lr, beta, hypergrad, alpha, min_lr)
+        torch._foreach_copy_(local_shards(state.prev_update), local_shards(u, state.prev_update))
         out = writable(u, extras)
         torch._foreach_mul_(out, -lr)                      # o = -eta u
-        return as_tree(updates, out), HDState(t, _scalar(lr), _scalar(beta), state.prev_update)
+        return as_tree(updates, out), HDState(t, lr, beta, state.prev_update)
 
     return GradientTransformation(init, update, terminal=True)
 
@@ -632,6 +717,10 @@ def _marthe(cfg: _MartheConfig) -> GradientTransformation:
 
     def init(params: Tree) -> MartheState:
         p = leaves(params)
+        check_whole(p, f"{_NAME}(mode='marthe') (RTHO, MARTHE)", "its tangent needs "
+                    "Hessian-vector products, hence the gradient's graph, which FSDP2's "
+                    "reduce-scattered gradients do not carry, and validation gradients",
+                    instead=CURVATURE_INSTEAD)
         tangent, buffers = _init_tangent_and_buffers(cfg.dynamics, p)
         prev_grad = zeros_like_state(p) if cfg.auto_mu else [None] * len(p)
         return MartheState(count=0, lr=_scalar(cfg.init_lr), hyper_lr=_scalar(cfg.hyper_lr),
@@ -658,18 +747,20 @@ def _marthe(cfg: _MartheConfig) -> GradientTransformation:
         else:
             _adam_tangent(tangent, curvature, step, terms, d, mu, lr, cfg.b1, cfg.b2)
 
-    def hyper_step(state: MartheState, val: list[Tensor]) -> tuple[float, float, float, float]:
+    @torch.compiler.disable
+    def hyper_step(state: MartheState, hypergrad: Tensor, val_dot_grad: Tensor | None
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """New (η, β, μ, μ-accumulator) as 0-d tensors, computed eagerly (see
+        ``_hd_hyper_step``)."""
         lr, beta = float(state.lr), float(state.hyper_lr)
-        mu, mu_acc = float(state.mu), float(state.mu_acc)
-        z = state.tangent.x
-        e = _clipped(_like(val, z), cfg.clip)
-        stepped = _hyper_step(lr, beta, _dot(e, z), cfg.alpha, cfg.min_lr)
+        stepped = _hyper_step(lr, beta, float(hypergrad), cfg.alpha, cfg.min_lr)
         if stepped is None:
-            return lr, beta, mu, mu_acc
+            return state.lr, state.hyper_lr, state.mu, state.mu_acc
         lr, beta = stepped
-        if cfg.auto_mu:
-            mu, mu_acc = _auto_mu(mu, mu_acc, lr, _dot(e, state.prev_grad))
-        return lr, beta, mu, mu_acc
+        mu, mu_acc = state.mu, state.mu_acc
+        if val_dot_grad is not None:
+            mu, mu_acc = map(_scalar, _auto_mu(float(mu), float(mu_acc), lr, float(val_dot_grad)))
+        return _scalar(lr), _scalar(beta), mu, mu_acc
 
     def update(updates: Tree, state: MartheState, params: Tree | None = None, **extras: Any):
         g = leaves(updates)
@@ -680,13 +771,19 @@ def _marthe(cfg: _MartheConfig) -> GradientTransformation:
         _check_params_for_decay(cfg.weight_decay, params)
         p = None if params is None else leaves(params)
         val = _validation_gradient(extras, updates, t)
-        lr, beta, mu, mu_acc = (hyper_step(state, val) if val is not None and t > 1 else
-                                (float(state.lr), float(state.hyper_lr), float(state.mu),
-                                 float(state.mu_acc)))
-        tangent_mu = 0.0 if cfg.first_order else max(mu, 0.0)
         z = state.tangent.x
+        lr, beta, mu, mu_acc = state.lr, state.hyper_lr, state.mu, state.mu_acc
+        if val is not None and t > 1:
+            e = _clipped(_like(val, z), cfg.clip)
+            lr, beta, mu, mu_acc = hyper_step(
+                state, _dot(e, z), _dot(e, state.prev_grad) if cfg.auto_mu else None)
+        # a fixed mu is a constant; the automatic one a tensor (the tangent is carried while
+        # it is 0 too, which equals the restart)
+        tangent_mu = 0.0 if cfg.first_order else mu.clamp(min=0.0) if cfg.auto_mu else \
+            max(cfg.mu0, 0.0)
         curvature = None
-        if tangent_mu > 0.0 and t > 1:  # Z^x_1 = 0: no product on the first call
+        if (cfg.auto_mu or tangent_mu > 0.0) and not cfg.first_order and t > 1:
+            # Z^x_1 = 0: no product on the first call
             curvature = _clipped(_hessian_products(extras, updates, z, t), cfg.clip)
             if cfg.weight_decay:
                 curvature = torch._foreach_add(curvature, z, alpha=cfg.weight_decay)
@@ -704,9 +801,10 @@ def _marthe(cfg: _MartheConfig) -> GradientTransformation:
             buffers, step, _ = direction(state.dynamics, d, t)
         if cfg.auto_mu:
             torch._foreach_copy_(state.prev_grad, g_hat)
-        out = torch._foreach_mul(step, -lr)
+        out = torch._foreach_mul(step, -lr)  # a 0-d step would promote to lr's float64
+        out = [o.to(d.dtype) for o, d in zip(out, step)]
         return as_tree(updates, out), MartheState(
-            t, _scalar(lr), _scalar(beta), _scalar(mu), _scalar(mu_acc), state.tangent, buffers,
+            t, lr, beta, mu, mu_acc, state.tangent, buffers,
             state.prev_grad)
 
     def needs_hvp(state: MartheState) -> bool:

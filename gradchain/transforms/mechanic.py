@@ -24,6 +24,7 @@ from gradchain.core import (
     writable,
     zeros_like_state,
 )
+from gradchain.distributed import local_shard, local_shards, norms_over_shards, sum_over_shards
 
 __all__ = ["MechanicState", "MechanicRule", "mechanic_rule", "mechanic_scale",
            "mechanic_scale_value", "DEFAULT_BETAS"]
@@ -36,6 +37,16 @@ _PYTORCH_INITIAL_M = 1e-6  # hard-coded in mechanic_pytorch 0.0.1
 
 
 class MechanicState(NamedTuple):
+    """State of ``mechanic_scale``: the reference point :math:`x_{ref}` (and Δ with
+    ``store_delta``), and the n learners' scalars s, m, v, r as 1-D tensors, one entry per β;
+    :math:`S = \\sum_i s_i`.
+
+    Example:
+        >>> state = mechanic_scale().init([torch.zeros(2, 3)])
+        >>> state.x_ref[0].shape, state.s.shape, state.delta  # six betas by default
+        (torch.Size([2, 3]), torch.Size([6]), None)
+    """
+
     count: int
     x_ref: list[Tensor]  # the parameters at the first update: x_t = x_ref + S_t * delta_t
     delta: list[Tensor] | None  # delta_t, the un-scaled base displacement (store_delta only)
@@ -48,7 +59,15 @@ class MechanicState(NamedTuple):
 class MechanicRule(NamedTuple):
     """Mechanic's configuration and its steps on the scalars, shared by ``mechanic_scale`` and
     the ``torch.optim`` wrapper (``optimizers.mechanic.mechanize``), which gather the global
-    sums in different orders around the base step."""
+    sums in different orders around the base step. Build it with ``mechanic_rule``, which
+    checks the options and fills in the defaults.
+
+    Example:
+        >>> rule = mechanic_rule(variant="pytorch")
+        >>> state = rule.init([torch.zeros(2)])
+        >>> rule.optax, rule.scale(state)  # the pytorch variant starts at s = 0
+        (False, tensor(0.))
+    """
 
     s_decay: float
     betas: tuple[float, ...]
@@ -184,7 +203,7 @@ def mechanic_scale(s_decay: float = 0.01, betas: Sequence[float] = DEFAULT_BETAS
         if not u:
             return updates, state._replace(count=state.count + 1)
         if state.count == 0:
-            torch._foreach_copy_(state.x_ref, x)
+            torch._foreach_copy_(local_shards(state.x_ref), local_shards(x, state.x_ref))
         # Delta_t = shift / per_shift: stored, or recovered from shift = x_t - x_ref = (S + eps)
         # Delta_t with its divisor folded into the scalars
         shift = state.delta if store_delta else torch._foreach_sub(x, state.x_ref)
@@ -195,13 +214,16 @@ def mechanic_scale(s_decay: float = 0.01, betas: Sequence[float] = DEFAULT_BETAS
         new_scale = rule.scale(new)
         if store_delta:  # x_{t+1} - x_t = S_{t+1} Delta_{t+1} + x_ref - x_t
             torch._foreach_add_(state.delta, u)
-            out = torch._foreach_mul(state.delta, new_scale)
+            # S in each Delta's dtype: a 0-d Delta times a wider 0-d S would take S's dtype
+            out = torch._foreach_mul(state.delta, [new_scale.to(d.dtype) for d in state.delta])
             torch._foreach_add_(out, state.x_ref)
             torch._foreach_sub_(out, x)
         else:  # x_{t+1} - x_t = S_{t+1} (shift / per_shift + u) - shift
             out = shift
             torch._foreach_mul_(out, rule.shift_coefficient(state, new_scale))
-            step = writable(u, extras)
+            # writable sees the updates themselves: a detached view of the raw gradient would
+            # escape its identity check and be scaled in place
+            step = [t.detach() for t in writable(leaves(updates), extras)]
             torch._foreach_mul_(step, new_scale)
             torch._foreach_add_(out, step)
         return as_tree(updates, out), new
@@ -212,8 +234,21 @@ def mechanic_scale(s_decay: float = 0.01, betas: Sequence[float] = DEFAULT_BETAS
 def mechanic_rule(s_decay: float = 0.01, betas: Sequence[float] = DEFAULT_BETAS,
                   s_init: float | None = None, eps: float = 1e-8, store_delta: bool = False,
                   variant: str = "optax") -> MechanicRule:
-    """The checked ``MechanicRule`` of ``mechanic_scale``'s options (see there); a
-    ``ValueError`` names any option out of range."""
+    """The checked ``MechanicRule`` of ``mechanic_scale``'s options (see there for the math); a
+    ``ValueError`` names any option out of range.
+
+    Defaults as ``mechanic_scale``: s_decay 0.01, betas ``DEFAULT_BETAS`` (1 - 10^-i,
+    i = 1..6), s_init None = the variant's (optax 1e-6, pytorch 1e-8), eps 1e-8,
+    store_delta False, variant "optax".
+
+    Example:
+        >>> mechanic_rule().s_init, mechanic_rule(variant="pytorch").s_init
+        (1e-06, 1e-08)
+        >>> mechanic_rule(betas=(0.9, 1.0))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        ValueError: every entry of betas must be a number in (0, 1) (open interval), got 1.0 ...
+    """
     check_constant("mechanic_scale", s_decay=s_decay, s_init=s_init, eps=eps)
     check_choice("variant", variant, VARIANTS)
     betas = _checked_betas(betas)
@@ -283,14 +318,16 @@ def _inputs(updates: Tree, params: Tree | None, extras: Mapping[str, Any]
 
 def _inner(a: list[Tensor], b: list[Tensor], like: Tensor) -> Tensor:
     """:math:`\\sum_{leaves} \\langle a, b \\rangle` accumulated in ``like``'s dtype, on its
-    device (a 0-d tensor: no host synchronisation)."""
-    return torch.stack([torch.dot(x.reshape(-1).to(like.dtype), y.reshape(-1).to(like.dtype))
-                        .to(like.device) for x, y in zip(a, b)]).sum()
+    device (a 0-d tensor: no host synchronisation; DTensors: one collective)."""
+    dots = [torch.dot(local_shard(x).reshape(-1).to(like.dtype),
+                      local_shard(y, x).reshape(-1).to(like.dtype)).to(like.device)
+            for x, y in zip(a, b)]
+    return torch.stack(sum_over_shards(dots, a)).sum()
 
 
 def _norm(a: list[Tensor], like: Tensor) -> Tensor:
     """The global 2-norm of ``a``, accumulated in ``like``'s dtype, on its device."""
-    norms = torch._foreach_norm(a, 2, dtype=like.dtype)
+    norms = norms_over_shards(torch._foreach_norm(local_shards(a), 2, dtype=like.dtype), a)
     return torch.linalg.vector_norm(torch.stack([n.to(like.device) for n in norms]))
 
 

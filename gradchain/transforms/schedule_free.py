@@ -24,6 +24,7 @@ from gradchain.core import (
     resolve,
     state_dtype,
 )
+from gradchain.distributed import local_shards
 
 __all__ = [
     "ScheduleFreeState",
@@ -37,9 +38,20 @@ _WEIGHTINGS = ("current", "max")
 
 
 class ScheduleFreeState(NamedTuple):
+    """State of ``schedule_free``: the weight sum :math:`\\sum_{i \\le t} w_i` and the running
+    maximum learning rate (float64 0-d), the base iterate z (a copy of the parameters at first,
+    float32 for 16-bit ones) and the base transform's state.
+
+    Example:
+        >>> from gradchain.transforms import scale_by_learning_rate
+        >>> state = schedule_free(scale_by_learning_rate(1.0), 1.0).init([torch.ones(2, 3)])
+        >>> state.z[0].shape, float(state.weight_sum), state.base
+        (torch.Size([2, 3]), 0.0, EmptyState())
+    """
+
     count: int
-    weight_sum: float  # sum of the averaging weights w_1 .. w_t (Python float64)
-    lr_max: float  # running max of learning_rate(count)
+    weight_sum: Tensor  # sum of the averaging weights w_1 .. w_t (0-d, float64)
+    lr_max: Tensor  # running max of learning_rate(count) (0-d, float64)
     z: list[Tensor]  # the base optimizer's iterate, one per parameter
     base: Any
 
@@ -94,8 +106,9 @@ def schedule_free(base: GradientTransformation, learning_rate: Hyper, b1: float 
     Defaults: b1 (β) = 0.9, in [0, 1) (0.95 and 0.98 are also reasonable); weight_lr_power
     = 2; r = 0. Needs ``params`` (they hold y; ``base`` receives them too).
 
-    State: ``count``, ``weight_sum`` and ``lr_max`` (Python floats), ``z`` (one tensor per
-    parameter, a copy of the parameters at ``init``, float32 for 16-bit parameters) and
+    State: ``count``, ``weight_sum`` and ``lr_max`` (0-d float64 tensors on the parameters'
+    device, so that a compiled step neither synchronises nor specialises on them), ``z`` (one
+    tensor per parameter, a copy of the parameters at ``init``, float32 for 16-bit parameters) and
     ``base``. y- and z-updates are computed from the same values in z's dtype and z is written
     once, so z moves with bfloat16 parameters (HeavyBall 0.8's stale copy froze it); the output
     is in z's dtype, for ``apply_updates`` to round once.
@@ -125,8 +138,10 @@ def schedule_free(base: GradientTransformation, learning_rate: Hyper, b1: float 
     check_choice("weighting", weighting, _WEIGHTINGS)
 
     def init(params: Tree) -> ScheduleFreeState:
-        z = [p.detach().to(dtype=state_dtype(p), copy=True) for p in leaves(params)]
-        return ScheduleFreeState(count=0, weight_sum=0.0, lr_max=0.0, z=z,
+        p = leaves(params)
+        z = [x.detach().to(dtype=state_dtype(x), copy=True) for x in p]
+        zero = torch.zeros((), dtype=torch.float64, device=p[0].device if p else None)
+        return ScheduleFreeState(count=0, weight_sum=zero, lr_max=zero.clone(), z=z,
                                  base=base.init(params))
 
     def update(updates: Tree, state: ScheduleFreeState, params: Tree | None = None,
@@ -136,14 +151,15 @@ def schedule_free(base: GradientTransformation, learning_rate: Hyper, b1: float 
                              "call update(updates, state, params)")
         check_dense_real(leaves(updates), "schedule_free")
         t = state.count + 1
-        lr = float(resolve(learning_rate, state.count))
-        if not lr >= 0:
-            raise ValueError(f"schedule_free: learning_rate at count {state.count} is {lr}; "
+        rate = resolve(learning_rate, state.count)
+        if not isinstance(rate, Tensor) and not rate >= 0:
+            raise ValueError(f"schedule_free: learning_rate at count {state.count} is {rate}; "
                              "it must be >= 0")
-        lr_max = max(state.lr_max, lr)
+        lr = torch.as_tensor(rate, dtype=torch.float64, device=state.weight_sum.device)
+        lr_max = torch.maximum(state.lr_max, lr)
         weight = float(t) ** r * (lr if weighting == "current" else lr_max) ** weight_lr_power
         weight_sum = state.weight_sum + weight
-        c = weight / weight_sum if weight_sum > 0 else 0.0
+        c = torch.where(weight_sum > 0, weight / weight_sum, 0.0)
         b_tree, base_state = base.update(updates, state.base, params, **extras)
         new_state = ScheduleFreeState(t, weight_sum, lr_max, state.z, base_state)
         b, z = leaves(b_tree), state.z
@@ -243,7 +259,7 @@ def to_eval(state: Any, params: Tree, b1: float) -> None:
     beta = _eval_b1(b1)
     p, index, moved = _towards_z(state, params, 1.0 - 1.0 / beta)
     if index:
-        torch._foreach_copy_([p[i] for i in index], moved)
+        torch._foreach_copy_(local_shards([p[i] for i in index]), local_shards(moved))
 
 
 @torch.no_grad()
@@ -254,9 +270,17 @@ def to_train(state: Any, params: Tree, b1: float) -> None:
     .. math::  y = \beta\, x + (1 - \beta)\, z
 
     Computed in z's dtype and written once. Same ``state`` and ``b1`` rules as
-    ``schedule_free_eval_params``; see ``to_eval`` for an example.
+    ``schedule_free_eval_params``; see ``to_eval`` for the round trip.
+
+    Example:
+        >>> from gradchain.transforms import scale_by_learning_rate
+        >>> tx = schedule_free(scale_by_learning_rate(1.0), 1.0, b1=0.5)
+        >>> state = tx.init([torch.zeros(1)])        # z = 0
+        >>> params = [torch.full((1,), 2.0)]          # the average x, as to_eval leaves it
+        >>> to_train(state, params, b1=0.5); params   # y = 0.5 x + 0.5 z
+        [tensor([1.])]
     """
     beta = _eval_b1(b1)
     p, index, moved = _towards_z(state, params, 1.0 - beta)
     if index:
-        torch._foreach_copy_([p[i] for i in index], moved)
+        torch._foreach_copy_(local_shards([p[i] for i in index]), local_shards(moved))

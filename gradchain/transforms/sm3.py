@@ -25,6 +25,7 @@ from gradchain.core import (
     state_dtype,
     zeros_like_state,
 )
+from gradchain.distributed import check_whole
 
 __all__ = ["SM3State", "scale_by_sm3"]
 
@@ -44,7 +45,13 @@ class SM3State(NamedTuple):
     """``mu``: per parameter, a tuple of its accumulators (the cover): for rank >= 2 one per
     axis ``a``, of broadcast shape ``(1, .., n_a, .., 1)``; for rank 0 and 1 a single one of the
     parameter's shape (diagonal Adagrad). ``momentum``: per parameter, the EMA of the outputs,
-    or ``None`` when ``b1 == 0`` (no buffer is allocated)."""
+    or ``None`` when ``b1 == 0`` (no buffer is allocated).
+
+    Example:
+        >>> state = scale_by_sm3().init([torch.zeros(2, 3), torch.zeros(4)])
+        >>> [a.shape for a in state.mu[0]], state.mu[1][0].shape, state.momentum
+        ([torch.Size([2, 1]), torch.Size([1, 3])], torch.Size([4]), None)
+    """
 
     mu: list[tuple[Tensor, ...]]
     momentum: list[Tensor] | None
@@ -153,6 +160,8 @@ def scale_by_sm3(b1: float = 0.0, b2: float = 1.0, eps: float = 1e-30,
 
     def init(params: Tree) -> SM3State:
         p = leaves(params)
+        check_whole(p, "scale_by_sm3 (SM3)", "its covers are maxima along every axis of a whole "
+                    "parameter, and a shard holds only some of the rows")
         return SM3State(mu=[_cover(x) for x in p], momentum=zeros_like_state(p) if b1 > 0 else None)
 
     def update(updates: Tree, state: SM3State, params: Tree | None = None, **extras: Any):

@@ -42,6 +42,7 @@ from gradchain.core import (
     second_moment_decay,
     state_dtype,
 )
+from gradchain.distributed import check_whole
 
 __all__ = ["SoapState", "soap_precondition", "merged_shape", "refresh_due"]
 
@@ -61,6 +62,11 @@ class SoapState(NamedTuple):
     :math:`L_a` and the basis :math:`Q_a` (both :math:`d_a \\times d_a`), or ``None`` for an axis
     that is not preconditioned. Checkpoint keys: ``"mu"``, ``"nu"``, ``"gram.1"``,
     ``"basis.0"``, ...
+
+    Example:
+        >>> state = soap_precondition().init([torch.zeros(4, 3000)])  # 3000 > 2048: not rotated
+        >>> [None if g is None else g.shape for g in state.gram[0]], state.nu[0].shape
+        ([torch.Size([4, 4]), None], torch.Size([4, 3000]))
     """
 
     count: int
@@ -399,6 +405,8 @@ def soap_precondition(b1: Hyper = 0.9, b2: Hyper = 0.95, shampoo_beta: Hyper | N
         return mu, torch.zeros(shape, **options), grams, basis
 
     def init(params: Tree) -> SoapState:
+        check_whole(leaves(params), "soap_precondition (SOAP)", "it needs whole matrices: the "
+                    "Gram matrix of the gradient along every axis, and its eigenbasis")
         per_leaf = [leaf_state(p) for p in leaves(params)]
         mu, nu, gram, basis = (list(field) for field in zip(*per_leaf)) if per_leaf else \
             ([], [], [], [])

@@ -17,18 +17,20 @@ MECHANIZED = ["mechanize:sgd", "mechanize:adamw"]
 ALL = [*OPTIMIZERS, *MECHANIZED]
 
 
-def make(name: str, params, store_delta: bool = False) -> torch.optim.Optimizer:
-    """``store_delta`` for Mechanic on bfloat16, whose first steps are below bf16's spacing."""
+def make(name: str, params, store_delta: bool = False, **options) -> torch.optim.Optimizer:
+    """``store_delta`` for Mechanic on bfloat16, whose first steps are below bf16's spacing;
+    ``options`` go to the optimizer (to the base of a mechanized one): ``compile``,
+    ``foreach``, ``skip_nonfinite``."""
     if name == "mechanize:sgd":
         return gradchain.mechanize(torch.optim.SGD, store_delta=store_delta)(
-            params, lr=1.0, momentum=0.9)
+            params, lr=1.0, momentum=0.9, **options)
     if name == "mechanize:adamw":
         return gradchain.mechanize(AdamW, store_delta=store_delta)(params, lr=1.0,
-                                                                   weight_decay=0.01)
+                                                                   weight_decay=0.01, **options)
     hyperparameters = {"lr": 1e-3, **DEFAULT_HYPERPARAMETERS.get(name, {})}
     if name == "esgd":  # curvature from the first steps
         hyperparameters.update(d_warmup=1, update_d_every=2)
-    return OPTIMIZERS[name](params, **hyperparameters)
+    return OPTIMIZERS[name](params, **hyperparameters, **options)
 
 
 def step(name: str, optimizer, loss_fn, val_loss_fn=None, set_to_none: bool = True):

@@ -1,6 +1,9 @@
 """DistributedDataParallel on the gloo backend, two processes on this machine: every recipe
 that steps on gradients alone ends with the same parameters on both ranks, and with the
-parameters of one process that sees the whole global batch."""
+parameters of one process that sees the whole global batch. Those that need Hessian-vector
+products or validation gradients (ESGD, RTHO, MARTHE) refuse DDP with a clear error before
+anything moves: DDP's reducer fails on gradients that keep their graph, and would not average
+products or gradients taken with torch.autograd.grad."""
 
 from __future__ import annotations
 
@@ -11,10 +14,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from recipes import ALL, NEEDS_MORE_THAN_GRADS, make
+from recipes import ALL, NEEDS_MORE_THAN_GRADS, make, step
 
-# curvature and validation steps need the double-backward graph, which DDP does not reduce
 NAMES = [name for name in ALL if name not in NEEDS_MORE_THAN_GRADS]
+#: Where each of the others stops under DDP: (its failing step, counted from 1, and what the
+#: error says): ESGD's first step is a curvature step; RTHO and MARTHE need their first
+#: validation gradient on the second.
+REFUSED = {"esgd": (1, "DistributedDataParallel cannot synchronise such gradients"),
+           "rtho": (2, "DistributedDataParallel does not average"),
+           "marthe": (2, "DistributedDataParallel does not average")}
 # SOAP's Adam in the eigenbasis normalises the round-off that lands in the null directions of
 # a rank-deficient Gram matrix (an 8 x 6 gradient's 8 x 8 Gram has two): the order of DDP's
 # all-reduce moves those steps by up to ~lr, so against one process only the ranks are compared
@@ -46,11 +54,32 @@ def train(name: str, model, batches, rank: int | None = None) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
+def refused(name: str, model, batches, rank: int) -> dict:
+    """Steps with closures until the optimizer refuses: where, why, and whether anything had
+    moved at that step."""
+    optimizer = make(name, model.parameters())
+    val_x, val_y = batches[-1][0].chunk(WORLD)[rank], batches[-1][1].chunk(WORLD)[rank]
+    for number, (x, y) in enumerate(batches, start=1):
+        x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+        before = [p.detach().clone() for p in model.parameters()]
+        try:
+            step(name, optimizer, lambda: torch.nn.functional.mse_loss(model(x), y),
+                 lambda: torch.nn.functional.mse_loss(model(val_x), val_y))
+        except ValueError as error:
+            unchanged = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+            return {"step": number, "error": str(error), "unchanged": unchanged}
+    return {"step": None}
+
+
 def worker(rank: int, init_file: str, results: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD)
     try:
         finals = {}
+        for name in REFUSED:  # first: the recipes below then show that DDP still works
+            model, batches = model_and_batches()
+            ddp = torch.nn.parallel.DistributedDataParallel(model)
+            finals[f"refused {name}"] = refused(name, ddp, batches, rank)
         for name in NAMES:
             model, batches = model_and_batches()
             ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -78,3 +107,13 @@ def test_ddp_ranks_agree_and_match_one_process_on_the_global_batch(name, ddp_res
     model, batches = model_and_batches()
     single = train(name, model, batches)
     torch.testing.assert_close(first, single, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_curvature_and_validation_steps_refuse_ddp_before_moving(name, ddp_results):
+    number, message = REFUSED[name]
+    for results in ddp_results:
+        result = results[f"refused {name}"]
+        assert result["step"] == number, result
+        assert message in result["error"] and "without DDP" in result["error"]
+        assert result["unchanged"]

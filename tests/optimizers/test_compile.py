@@ -1,0 +1,91 @@
+"""``compile=True`` on every named optimizer: the compiled steps follow the eager trajectory,
+and once every code path of a recipe has compiled, a learning rate that changes at every step
+(an LR scheduler) triggers no recompilation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from recipes import ALL, make, step
+from torch._dynamo.utils import counters
+
+from gradchain.optimizers import AdamW
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+
+#: its base is torch.optim.SGD, which has no compile option (torch.compile(opt.step) is torch's)
+COMPILABLE = [name for name in ALL if name != "mechanize:sgd"]
+#: steps until every path has compiled: the first step, the second (the step counters become
+#: symbolic), SOAP's initialisation-only first call and first refresh, the first hyper-steps,
+#: and ESGD's first steps with and without a Hessian-vector product (every 2 steps here)
+WARMUP = 5
+STEPS = 8
+
+
+def problem():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(6, 4, generator=gen))
+    b = torch.nn.Parameter(torch.zeros(6))
+    x = torch.randn(16, 4, generator=gen)
+    return [w, b], lambda: torch.tanh(x @ w.T + b).square().mean()
+
+
+def graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def run(name: str, compile: bool) -> tuple[torch.Tensor, list[int]]:
+    """Parameters after STEPS steps under a StepLR that changes the lr at every step, and the
+    number of compiled graphs after each step."""
+    torch._dynamo.reset()
+    counters.clear()
+    params, loss_fn = problem()
+    optimizer = make(name, params, compile=compile)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.8)
+    seen = []
+    for _ in range(STEPS):
+        step(name, optimizer, loss_fn)
+        scheduler.step()
+        seen.append(graphs())
+    return torch.cat([p.detach().reshape(-1) for p in params]), seen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", COMPILABLE)
+def test_compiled_steps_follow_eager_and_do_not_recompile_as_the_lr_changes(name):
+    eager, _ = run(name, compile=False)
+    compiled, seen = run(name, compile=True)
+    assert seen[0] > 0, "nothing was compiled"
+    assert seen[WARMUP - 1:] == [seen[WARMUP - 1]] * (STEPS - WARMUP + 1), \
+        f"{name} recompiled as the learning rate changed: graphs after each step {seen}"
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_a_scheduled_adamw_compiles_twice_and_matches_eager():
+    """The fast version of the test above, run without the slow marker: the lr is a tensor in
+    the graph, so StepLR's changes cost nothing; only the step counter's first change does."""
+    eager, _ = run("adamw", compile=False)
+    compiled, seen = run("adamw", compile=True)
+    assert seen == [1] + [2] * (STEPS - 1), seen
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-7)
+
+
+def test_changing_another_hyperparameter_rebuilds_the_chain():
+    params, loss_fn = problem()
+    optimizer = AdamW(params, lr=1e-2, compile=True)
+    step("adamw", optimizer, loss_fn)
+    first = optimizer._transform(0)
+    optimizer.param_groups[0]["lr"] = 3e-3
+    assert optimizer._transform(0)[1] is first[1]
+    optimizer.param_groups[0]["weight_decay"] = 0.5
+    assert optimizer._transform(0)[1] is not first[1]
+
+
+def test_a_negative_compiled_learning_rate_is_refused():
+    params, loss_fn = problem()
+    optimizer = AdamW(params, lr=1e-2, compile=True)
+    step("adamw", optimizer, loss_fn)
+    optimizer.param_groups[0]["lr"] = -1.0
+    with pytest.raises(ValueError, match="lr"):
+        step("adamw", optimizer, loss_fn)
