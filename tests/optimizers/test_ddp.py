@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from datetime import timedelta
 
 import pytest
 import torch
@@ -72,8 +73,9 @@ def refused(name: str, model, batches, rank: int) -> dict:
 
 
 def worker(rank: int, init_file: str, results: str) -> None:
+    # a collective that one rank misses fails after a minute instead of hanging the run
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD)
+                            world_size=WORLD, timeout=timedelta(seconds=60))
     try:
         finals = {}
         for name in REFUSED:  # first: the recipes below then show that DDP still works

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from datetime import timedelta
 import warnings
 
 import pytest
@@ -100,8 +101,9 @@ def composed(name: str, params) -> ChainOptimizer:
 def worker(rank: int, init_file: str, results: str) -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
+    # a collective that one rank misses fails after a minute instead of hanging the run
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD)
+                            world_size=WORLD, timeout=timedelta(seconds=60))
     try:
         out: dict[str, dict] = {}
         for name in ALL:
