@@ -247,7 +247,9 @@ class ChainOptimizer(torch.optim.Optimizer):
         group, step = self.param_groups[index], self._group_steps[index]
         hyperparameters = self._hyperparameters(group, step) if self._recipe else {}
         rate = self._arguments.get("lr")  # the recipe's name for it
-        if self._compile and rate is not None and self._lr_as_tensor(index, hyperparameters[rate]):
+        tensor_lr = self._compile and rate is not None and \
+            self._lr_as_tensor(index, hyperparameters[rate])
+        if tensor_lr:
             del hyperparameters[rate]
         key = tuple(hyperparameters.items()) if self._recipe else None
         cached = self._built[index]
@@ -258,7 +260,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         else:
             assert self._recipe is not None
             lr = self._lr_tensors[index]
-            schedule = {} if lr is None or rate is None else {rate: lambda count: lr}
+            schedule = {rate: lambda count: lr} if tensor_lr else {}
             tx = self._recipe(**hyperparameters, **schedule)
         compiled = torch.compile(_make_step(tx, not self._rounds(group))) \
             if self._compile else None
