@@ -7,14 +7,12 @@ shard), through torch's get_state_dict / set_state_dict and through dcp.save / d
 from __future__ import annotations
 
 import os
-import tempfile
-from datetime import timedelta
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from processes import WORLD, on_every_rank
 from recipes import ALL, NEEDS_MORE_THAN_GRADS, make, step
 
 pytestmark = [pytest.mark.slow,
@@ -22,7 +20,6 @@ pytestmark = [pytest.mark.slow,
 
 STEPS = 4
 SAVE_AT = 2
-WORLD = 2
 #: Recipes that refuse FSDP2's sharded parameters (tests/optimizers/test_fsdp.py).
 WHOLE = {name for name in ALL if "soap" in name} | {"sm3", *NEEDS_MORE_THAN_GRADS}
 #: How each recipe is distributed: DDP, FSDP2, or (ESGD, RTHO, MARTHE, which refuse both) a
@@ -106,35 +103,25 @@ def save_and_resume(kind: str, flow: str, name: str, data, checkpoint: str) -> t
     return full(model)
 
 
-def worker(rank: int, init_file: str, results: str) -> None:
+def work(rank: int, shared: str) -> dict:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    # a collective that one rank misses fails after a minute instead of hanging the run
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD, timeout=timedelta(seconds=60))
-    try:
-        out: dict[str, torch.Tensor] = {}
-        uninterrupted: dict[tuple[str, str], torch.Tensor] = {}
-        for kind, flow, name in CASES:
-            data = batches(-1 if kind == "replicated" else rank)
-            if (kind, name) not in uninterrupted:
-                model, net, optimizer = model_and_optimizer(kind, name, seed=0)
-                train(name, optimizer, net, data)
-                uninterrupted[kind, name] = out[f"{kind} {name}"] = full(model)
-            checkpoint = os.path.join(results, f"{kind}-{flow}-{name}".replace(":", "-"))
-            out[f"{kind} {flow} {name}"] = save_and_resume(kind, flow, name, data, checkpoint)
-        torch.save(out, os.path.join(results, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    out: dict[str, torch.Tensor] = {}
+    uninterrupted: dict[tuple[str, str], torch.Tensor] = {}
+    for kind, flow, name in CASES:
+        data = batches(-1 if kind == "replicated" else rank)
+        if (kind, name) not in uninterrupted:
+            model, net, optimizer = model_and_optimizer(kind, name, seed=0)
+            train(name, optimizer, net, data)
+            uninterrupted[kind, name] = out[f"{kind} {name}"] = full(model)
+        checkpoint = os.path.join(shared, f"{kind}-{flow}-{name}".replace(":", "-"))
+        out[f"{kind} {flow} {name}"] = save_and_resume(kind, flow, name, data, checkpoint)
+    return out
 
 
 @pytest.fixture(scope="module")
 def dcp_results():
-    with tempfile.TemporaryDirectory() as results:
-        init_file = os.path.join(results, "init")
-        mp.spawn(worker, args=(init_file, results), nprocs=WORLD, join=True)
-        yield [torch.load(os.path.join(results, f"rank{r}.pt"), weights_only=True)
-               for r in range(WORLD)]
+    return on_every_rank(work)
 
 
 @pytest.mark.parametrize("kind, flow, name", CASES)

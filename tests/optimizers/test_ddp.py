@@ -7,14 +7,11 @@ products or gradients taken with torch.autograd.grad."""
 
 from __future__ import annotations
 
-import os
-import tempfile
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from processes import WORLD, on_every_rank
 from recipes import ALL, NEEDS_MORE_THAN_GRADS, make, step
 
 NAMES = [name for name in ALL if name not in NEEDS_MORE_THAN_GRADS]
@@ -29,7 +26,6 @@ REFUSED = {"esgd": (1, "DistributedDataParallel cannot synchronise such gradient
 # all-reduce moves those steps by up to ~lr, so against one process only the ranks are compared
 ROUND_OFF_SENSITIVE = {name for name in NAMES if "soap" in name}
 STEPS = 4
-WORLD = 2
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")]
@@ -72,32 +68,22 @@ def refused(name: str, model, batches, rank: int) -> dict:
     return {"step": None}
 
 
-def worker(rank: int, init_file: str, results: str) -> None:
-    # a collective that one rank misses fails after a minute instead of hanging the run
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD, timeout=timedelta(seconds=60))
-    try:
-        finals = {}
-        for name in REFUSED:  # first: the recipes below then show that DDP still works
-            model, batches = model_and_batches()
-            ddp = torch.nn.parallel.DistributedDataParallel(model)
-            finals[f"refused {name}"] = refused(name, ddp, batches, rank)
-        for name in NAMES:
-            model, batches = model_and_batches()
-            ddp = torch.nn.parallel.DistributedDataParallel(model)
-            finals[name] = train(name, ddp, batches, rank)
-        torch.save(finals, os.path.join(results, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def work(rank: int, shared: str) -> dict:
+    finals = {}
+    for name in REFUSED:  # first: the recipes below then show that DDP still works
+        model, batches = model_and_batches()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        finals[f"refused {name}"] = refused(name, ddp, batches, rank)
+    for name in NAMES:
+        model, batches = model_and_batches()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        finals[name] = train(name, ddp, batches, rank)
+    return finals
 
 
 @pytest.fixture(scope="module")
 def ddp_results():
-    with tempfile.TemporaryDirectory() as results:
-        init_file = os.path.join(results, "init")
-        mp.spawn(worker, args=(init_file, results), nprocs=WORLD, join=True)
-        yield [torch.load(os.path.join(results, f"rank{r}.pt"), weights_only=True)
-               for r in range(WORLD)]
+    return on_every_rank(work)
 
 
 @pytest.mark.parametrize("name", NAMES)

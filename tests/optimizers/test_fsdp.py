@@ -6,15 +6,12 @@ gradient's graph refuse sharded parameters at their first step, before anything 
 
 from __future__ import annotations
 
-import os
-import tempfile
-from datetime import timedelta
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from processes import WORLD, on_every_rank
 from recipes import ALL, make, step
 
 from gradchain import chains, mechanize
@@ -32,7 +29,6 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")]
 
 STEPS = 4
-WORLD = 2
 #: What each refusing recipe's error names as the reason.
 REFUSED = {**{name: "whole matrices" for name in ALL if "soap" in name},
            "sm3": "covers are maxima", "esgd": "Hessian-vector products",
@@ -98,67 +94,57 @@ def composed(name: str, params) -> ChainOptimizer:
     return ChainOptimizer(params, COMPOSED[name]())
 
 
-def worker(rank: int, init_file: str, results: str) -> None:
+def work(rank: int, shared: str) -> dict:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    # a collective that one rank misses fails after a minute instead of hanging the run
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD, timeout=timedelta(seconds=60))
-    try:
-        out: dict[str, dict] = {}
-        for name in ALL:
-            model, batches = model_and_batches()
-            shard(model)
-            optimizer = make(name, model.parameters())
-            before = full(model)
-            try:
-                train(name, optimizer, model, batches, rank)
-            except ValueError as error:
-                out[name] = {"error": str(error), "unchanged": torch.equal(before, full(model))}
-                continue
-            out[name] = {"params": full(model), "learned": learned(name, optimizer)}
-        for name in COMPOSED:
-            model, batches = model_and_batches()
-            shard(model)
-            train(name, composed(name, model.parameters()), model, batches, rank)
-            out[name] = {"params": full(model)}
+    out: dict[str, dict] = {}
+    for name in ALL:
         model, batches = model_and_batches()
         shard(model)
-        optimizer = make("sfadamw", model.parameters())
-        train("sfadamw", optimizer, model, batches, rank)
-        training = full(model)
-        optimizer.eval()
-        average = full(model)
-        optimizer.train()
-        out["sfadamw eval"] = {"eval": average, "train": full(model), "training": training}
-        first = next(iter(model.parameters()))
-        entry = optimizer.state_dict()["state"][0]
-        out["state layout"] = {key: str(value.placements) if hasattr(value, "placements")
-                               else value for key, value in entry.items()
-                               if torch.is_tensor(value)}
-        out["param layout"] = {"placements": str(first.placements)}
-        model, _ = model_and_batches()
-        shard(model)
-        optimizer = make("adamw", model.parameters())
-        weight = next(iter(model.parameters()))
-        weight.grad = torch.zeros(weight.shape)  # whole, where the optimizer needs its shard
+        optimizer = make(name, model.parameters())
+        before = full(model)
         try:
-            optimizer.step()
-            out["plain gradient"] = {"error": ""}
+            train(name, optimizer, model, batches, rank)
         except ValueError as error:
-            out["plain gradient"] = {"error": str(error)}
-        torch.save(out, os.path.join(results, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+            out[name] = {"error": str(error), "unchanged": torch.equal(before, full(model))}
+            continue
+        out[name] = {"params": full(model), "learned": learned(name, optimizer)}
+    for name in COMPOSED:
+        model, batches = model_and_batches()
+        shard(model)
+        train(name, composed(name, model.parameters()), model, batches, rank)
+        out[name] = {"params": full(model)}
+    model, batches = model_and_batches()
+    shard(model)
+    optimizer = make("sfadamw", model.parameters())
+    train("sfadamw", optimizer, model, batches, rank)
+    training = full(model)
+    optimizer.eval()
+    average = full(model)
+    optimizer.train()
+    out["sfadamw eval"] = {"eval": average, "train": full(model), "training": training}
+    first = next(iter(model.parameters()))
+    entry = optimizer.state_dict()["state"][0]
+    out["state layout"] = {key: str(value.placements) if hasattr(value, "placements")
+                           else value for key, value in entry.items()
+                           if torch.is_tensor(value)}
+    out["param layout"] = {"placements": str(first.placements)}
+    model, _ = model_and_batches()
+    shard(model)
+    optimizer = make("adamw", model.parameters())
+    weight = next(iter(model.parameters()))
+    weight.grad = torch.zeros(weight.shape)  # whole, where the optimizer needs its shard
+    try:
+        optimizer.step()
+        out["plain gradient"] = {"error": ""}
+    except ValueError as error:
+        out["plain gradient"] = {"error": str(error)}
+    return out
 
 
 @pytest.fixture(scope="module")
 def fsdp_results():
-    with tempfile.TemporaryDirectory() as results:
-        init_file = os.path.join(results, "init")
-        mp.spawn(worker, args=(init_file, results), nprocs=WORLD, join=True)
-        yield [torch.load(os.path.join(results, f"rank{r}.pt"), weights_only=True)
-               for r in range(WORLD)]
+    return on_every_rank(work)
 
 
 def one_process(name: str, build=make):
