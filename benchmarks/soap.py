@@ -67,7 +67,6 @@ from pathlib import Path
 from typing import Any
 
 import heavyball
-import heavyball.foreach_soap
 import heavyball.utils
 import pytorch_optimizer
 import torch
@@ -100,14 +99,18 @@ Factory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 
 #: HeavyBall's decorated functions, compiled as its decorator does when ``_mode`` is set, and the
-#: modules that call them by these names.
+#: modules that call them by these names (every SOAP class imports ``project`` into its module).
 _HEAVYBALL_COMPILED = {
     name: torch.compile(getattr(heavyball.utils, name), fullgraph=False, dynamic=True)
     for name in ("project", "compute_ggt", "get_orthogonal_matrix_QR")
 }
 _HEAVYBALL_CALLERS = ((heavyball.utils, "compute_ggt"),
                       (heavyball.utils, "get_orthogonal_matrix_QR"),
-                      (heavyball.foreach_soap, "project"))
+                      *((sys.modules[cls.__module__], "project") for cls in (
+                          heavyball.ForeachSOAP, heavyball.PaLMForeachSOAP,
+                          heavyball.SFPaLMForeachSOAP, heavyball.PrecondScheduleSFPaLMSOAP,
+                          heavyball.PrecondSchedulePaLMForeachSOAP,
+                          heavyball.PrecondScheduleForeachSOAP)))
 
 
 @contextlib.contextmanager
@@ -123,12 +126,14 @@ def heavyball_compiled() -> Iterator[None]:
             setattr(module, name, function)
 
 
-class CompiledForeachSOAP(heavyball.ForeachSOAP):
-    """``heavyball.ForeachSOAP`` stepping with HeavyBall's compiled functions."""
+def heavyball_compiled_class(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+    """A HeavyBall SOAP class stepping with HeavyBall's compiled functions."""
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+    def step(self: torch.optim.Optimizer, closure: Callable[[], Any] | None = None) -> Any:
         with heavyball_compiled():
-            return super().step(closure)
+            return cls.step(self, closure)
+
+    return type(f"Compiled{cls.__name__}", (cls,), {"step": step})
 
 
 @dataclass(frozen=True)
@@ -156,7 +161,7 @@ def contenders(compile: bool) -> dict[str, Contender]:
     }
     if compile:
         candidates["heavyball `ForeachSOAP` compiled"] = Contender(
-            lambda p: CompiledForeachSOAP(p, **heavy), compiled=True)
+            lambda p: heavyball_compiled_class(heavyball.ForeachSOAP)(p, **heavy), compiled=True)
     candidates["pytorch_optimizer `SOAP`"] = Contender(lambda p: pytorch_optimizer.SOAP(
         p, lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, precondition_frequency=FREQUENCY,
         max_precondition_dim=MAX_PRECOND_DIM, merge_dims=False))

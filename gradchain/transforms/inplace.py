@@ -74,9 +74,17 @@ class AdoptState(NamedTuple):
 def _lerp_(buffers: list[Tensor], targets: list[Tensor], weight: float) -> None:
     """``b <- b + w (x - b)``, i.e. ``(1 - w) b + w x``, with a per-step weight.
 
-    A list of the hoisted scalar: under ``torch.compile`` it is a 0-d tensor, which the lerp
-    takes as a list (a single tensor weight is not accepted)."""
-    torch._foreach_lerp_(buffers, targets, [hoist(weight)] * len(buffers))
+    Under ``torch.compile`` the weight is the hoisted 0-d tensor and the lerp goes one tensor
+    at a time: inductor fuses ``Tensor.lerp_`` with a tensor weight into the loops around it,
+    while ``_foreach_lerp_`` with tensor weights has no lowering and runs as a separate eager
+    kernel on materialised inputs (it made the compiled LaProp step slower than the eager one on
+    the 27M-parameter benchmark, ``benchmarks/peers.py``; fused, it is 2.7x faster)."""
+    if torch.compiler.is_compiling():
+        w = hoist(weight)
+        for b, x in zip(buffers, targets):
+            b.lerp_(x, w.to(b.dtype))
+        return
+    torch._foreach_lerp_(buffers, targets, [weight] * len(buffers))
 
 
 def _second_moment_(nu: list[Tensor], u: list[Tensor], weight: float) -> None:
@@ -182,8 +190,7 @@ def scale_by_rms_inplace(b2: Hyper = 0.99, eps: float = 1e-8) -> GradientTransfo
         nu = state.nu
         decay2 = second_moment_decay(b2, extras)
         _second_moment_(nu, u, 1.0 - debiased_decay(decay2, state.count))
-        out = writable(u, extras)
-        torch._foreach_div_(out, _floored_root(nu, eps))
+        out = torch._foreach_div(u, _floored_root(nu, eps))  # a new list: no clone of u first
         return as_tree(updates, out), InplaceRmsState(state.count + 1, nu)
 
     return GradientTransformation(init, update, leafwise=True, elementwise=True)
@@ -226,8 +233,7 @@ def scale_by_laprop(b1: Hyper = 0.9, b2: Hyper = 0.99, eps: float = 1e-8
         mu, nu = state.mu, state.nu
         decay2 = second_moment_decay(b2, extras)
         _second_moment_(nu, u, 1.0 - debiased_decay(decay2, state.count))
-        out = writable(u, extras)
-        torch._foreach_div_(out, _floored_root(nu, eps))      # n
+        out = torch._foreach_div(u, _floored_root(nu, eps))   # n, a new list
         _lerp_(mu, out, 1.0 - debiased_decay(b1, state.count))
         torch._foreach_copy_(local_shards(out), local_shards(mu, out))
         return as_tree(updates, out), LapropState(state.count + 1, mu, nu)

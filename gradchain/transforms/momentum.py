@@ -71,13 +71,15 @@ def trace(decay: Hyper = 0.9, nesterov: bool = False) -> GradientTransformation:
         b = state.momentum
         if u:
             check_dense_real(u, "trace")
-            out = writable(u, extras)
             if nesterov:
+                out = writable(u, extras)
                 torch._foreach_mul_(b, mu)
                 torch._foreach_add_(b, out)              # b <- mu b + u
                 torch._foreach_add_(out, b, alpha=mu)    # o <- u + mu b
             else:
-                torch._foreach_add_(out, b, alpha=mu)    # o <- u + mu b_{t-1} = b_t
+                # o <- u + mu b_{t-1} = b_t, out of place: one pass, where cloning a raw
+                # gradient first (writable) would take two
+                out = torch._foreach_add(u, b, alpha=mu)
                 torch._foreach_copy_(local_shards(b), local_shards(out, b))
             updates = as_tree(updates, out)
         return updates, TraceState(state.count + 1, b)

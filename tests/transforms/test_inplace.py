@@ -505,6 +505,20 @@ def test_adopt_rejects_invalid_style_and_clip(kwargs, name):
         scale_by_adopt(**kwargs)
 
 
+@pytest.mark.parametrize("case", FACTORIES)
+def test_the_compile_path_gives_bitwise_the_eager_result(monkeypatch, case, trees):
+    """Under ``torch.compile`` the lerps run one tensor at a time with a hoisted 0-d weight (so
+    that inductor fuses them); run eagerly, that path equals the foreach one bit for bit."""
+    grads = gradient_steps(trees, steps=6, seed=11)
+    eager = run(FACTORIES[case](0.95), grads)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    compiled_path = run(FACTORIES[case](0.95), grads)
+    for a, b in zip(eager[0], compiled_path[0]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for a, b in zip(eager[1][1:], compiled_path[1][1:]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 def test_inplace_docstring_examples_run():
     result = doctest.testmod(inplace)
     assert result.attempted > 0 and result.failed == 0
