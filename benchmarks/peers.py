@@ -67,7 +67,7 @@ nested containers included, each storage once: ``gradchain.tasks.charlm.state_by
 Needs heavyball 0.8.1, pytorch-optimizer, torch-SM3 and mechanic-pytorch
 (``pip install -e .[bench]``).
 
-    python benchmarks/peers.py                               # every family, about 25 minutes
+    python benchmarks/peers.py                               # every family, 25-40 minutes here
     python benchmarks/peers.py --family heavyball-adam --repeats 40
     python benchmarks/peers.py --family soap --no-compile
     python benchmarks/peers.py --family adamw --markdown
