@@ -216,7 +216,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             if unknown:
                 raise ValueError(f"unknown hyperparameters {sorted(unknown)} for "
                                  f"{self._recipe.__name__}; it takes {sorted(self._arguments)}")
-            self._build({**self.defaults, **group}, step=0)
+            self._build(self._hyperparameters({**self.defaults, **group}, 0))
         params = group["params"]
         if not isinstance(params, (Tensor, set)):  # read once: it may be a generator
             params = group["params"] = list(params)
@@ -235,11 +235,12 @@ class ChainOptimizer(torch.optim.Optimizer):
         return {argument: _value(group[key], step) if key in self._schedulable else group[key]
                 for key, argument in self._arguments.items()}
 
-    def _build(self, group: dict[str, Any], step: int) -> GradientTransformation:
+    def _build(self, hyperparameters: dict[str, Any]) -> GradientTransformation:
+        """The fixed transform, or the recipe built from ``hyperparameters``."""
         if self._fixed is not None:
             return self._fixed
         assert self._recipe is not None
-        return self._recipe(**self._hyperparameters(group, step))
+        return self._recipe(**hyperparameters)
 
     def _transform(self, index: int) -> tuple[GradientTransformation, Callable | None]:
         """The group's transform (and compiled step), rebuilt only when its hyperparameters
@@ -255,13 +256,9 @@ class ChainOptimizer(torch.optim.Optimizer):
         cached = self._built[index]
         if cached is not None and cached[0] == key:
             return cached[1], cached[2]
-        if self._fixed is not None:
-            tx = self._fixed
-        else:
-            assert self._recipe is not None
-            lr = self._lr_tensors[index]
-            schedule = {rate: lambda count: lr} if tensor_lr else {}
-            tx = self._recipe(**hyperparameters, **schedule)
+        lr = self._lr_tensors[index]
+        tx = self._build({**hyperparameters, rate: lambda count: lr} if tensor_lr
+                         else hyperparameters)
         compiled = torch.compile(_make_step(tx, not self._rounds(group))) \
             if self._compile else None
         self._built[index] = (key, tx, compiled)
