@@ -104,9 +104,12 @@ class GradientTransformation(NamedTuple):
     training loop builds the double-backward graph only on those steps. ``accepts_sparse``
     transforms take sparse COO gradients. ``provides`` holds extras that a chain member hands
     to the members after it in its chain (``palm_beta2`` as a member provides the
-    ``second_moment_decay`` extra).
+    ``second_moment_decay`` extra). ``unscaled(updates, state, params=None, **extras) -> (u,
+    state, c)``, when given, is ``update`` without its last act, a multiplication by one scalar
+    ``c`` (``update`` returns ``c·u``): an optimizer that adds the result to its parameters
+    folds ``c`` into that addition (``x <- x + c·u``, one pass over the updates fewer).
 
-    Defaults: every flag False, ``needs_hvp`` and ``provides`` None.
+    Defaults: every flag False, ``needs_hvp``, ``provides`` and ``unscaled`` None.
 
     Example:
         >>> halve = GradientTransformation(
@@ -126,6 +129,7 @@ class GradientTransformation(NamedTuple):
     needs_hvp: Callable[[Any], bool] | None = None
     accepts_sparse: bool = False
     provides: Mapping[str, Any] | None = None
+    unscaled: Callable[..., tuple[Tree, Any, Any]] | None = None
 
 
 class EmptyState(NamedTuple):
@@ -336,8 +340,9 @@ def writable(updates: Sequence[Tensor], extras: Mapping[str, Any],
 
     The raw gradient (the ``grads`` extra that ``chain`` sets, leaf for leaf in the same
     positions as the updates) is cloned, so ``param.grad`` and the ``grads`` seen by later
-    transforms stay intact; every other tensor is returned as is. Outside a chain (no ``grads``
-    extra) everything is cloned.
+    transforms stay intact, and so is a borrowed update (its ``id`` in the ``borrowed`` extra: a
+    transform's own state, passed on without a copy); every other tensor is returned as is.
+    Outside a chain (no ``grads`` extra) everything is cloned.
 
     Example:
         >>> g = [torch.ones(2)]
@@ -349,8 +354,9 @@ def writable(updates: Sequence[Tensor], extras: Mapping[str, Any],
     raw = extras.get("grads")
     if raw is None:
         return [updates[i].clone() for i in index]
-    grads = leaves(raw)
-    return [updates[i].clone() if updates[i] is grads[i] else updates[i] for i in index]
+    grads, borrowed = leaves(raw), extras.get("borrowed", ())
+    return [updates[i].clone() if updates[i] is grads[i] or id(updates[i]) in borrowed
+            else updates[i] for i in index]
 
 
 @torch.no_grad()

@@ -79,19 +79,36 @@ def _sequential(members: list[tuple[str, GradientTransformation]], keyed: bool
         states = [(name, tx.init(params)) for name, tx in members]
         return dict(states) if keyed else tuple(s for _, s in states)
 
-    def update(updates: Tree, state, params: Tree | None = None, **extras: Any):
-        updates = _entry(updates, params, extras)
+    def run(count: int, updates: Tree, state, params: Tree | None, extras: dict[str, Any]):
+        """The first ``count`` members: their updates, states, and the extras after them."""
         new_states = []
-        for name, tx in members:
+        for name, tx in members[:count]:
             updates, member_state = tx.update(updates, state[name if keyed else len(new_states)],
                                               params, **extras)
             new_states.append((name, member_state))
             if tx.provides:
                 extras = {**extras, **tx.provides}
-        return updates, dict(new_states) if keyed else tuple(s for _, s in new_states)
+        return updates, new_states, extras
+
+    def packed(new_states: list[tuple[str, Any]]):
+        return dict(new_states) if keyed else tuple(s for _, s in new_states)
+
+    def update(updates: Tree, state, params: Tree | None = None, **extras: Any):
+        updates, new_states, _ = run(len(members), _entry(updates, params, extras), state,
+                                     params, extras)
+        return updates, packed(new_states)
+
+    def unscaled(updates: Tree, state, params: Tree | None = None, **extras: Any):
+        updates, new_states, extras = run(len(members) - 1, _entry(updates, params, extras),
+                                          state, params, extras)
+        name, last = members[-1]
+        updates, last_state, factor = last.unscaled(
+            updates, state[name if keyed else len(new_states)], params, **extras)
+        return updates, packed([*new_states, (name, last_state)]), factor
 
     return GradientTransformation(
         init, update,
+        unscaled=unscaled if members and members[-1][1].unscaled is not None else None,
         terminal=bool(members) and members[-1][1].terminal,
         leafwise=all(tx.leafwise for _, tx in members),
         elementwise=all(tx.elementwise for _, tx in members),

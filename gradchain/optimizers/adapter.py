@@ -404,7 +404,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         pieces = _pieces(params, active, tx, self._foreach) if compiled is None \
             else [(active, None)]
         rounding = self._rounds(group)
-        run = compiled or _make_step(tx, not rounding)
+        run = compiled or _make_step(tx, not rounding, lend=True)
         before, after = state, state
         for index, rows in pieces:  # every piece starts from the state as it was before the step
             grads = {names[i]: _widen(_block(params[i].grad.detach(), rows)) for i in index}
@@ -536,16 +536,31 @@ class ChainOptimizer(torch.optim.Optimizer):
         return self._group_states[index]
 
 
-def _make_step(tx: GradientTransformation, apply: bool = True) -> Callable[..., Any]:
+def _make_step(tx: GradientTransformation, apply: bool = True, lend: bool = False
+               ) -> Callable[..., Any]:
     """One update of a piece: applies it and returns the state, or, with ``apply=False``,
-    returns ``(updates, state)`` for the caller to apply."""
+    returns ``(updates, state)`` for the caller to apply.
+
+    A chain that ends in a scale (the learning rate) is applied as ``x <- x + c·u`` in one pass
+    (``unscaled``). With ``lend`` (eager mode) its members may lend their state as updates (the
+    ``borrowed`` extra): this step only reads them.
+    """
 
     def step(grads: dict[str, Tensor], state: Any, params: dict[str, Tensor],
              extras: dict[str, Any]) -> Any:
-        updates, state = tx.update(grads, state, params, grads=grads, **extras)
+        if lend:
+            extras = {**extras, "borrowed": set()}
         if not apply:
-            return updates, state
-        torch._foreach_add_(leaves(params), leaves(updates))
+            return tx.update(grads, state, params, grads=grads, **extras)
+        if tx.unscaled is None:
+            updates, state = tx.update(grads, state, params, grads=grads, **extras)
+            torch._foreach_add_(leaves(params), leaves(updates))
+            return state
+        updates, state, factor = tx.unscaled(grads, state, params, grads=grads, **extras)
+        if isinstance(factor, Tensor):
+            torch._foreach_add_(leaves(params), torch._foreach_mul(leaves(updates), factor))
+        else:
+            torch._foreach_add_(leaves(params), leaves(updates), alpha=factor)
         return state
 
     return step

@@ -41,8 +41,8 @@ class ScheduleState(NamedTuple):
     count: int
 
 
-def _stateless(update_leaves, elementwise: bool = True, accepts_sparse: bool = False
-               ) -> GradientTransformation:
+def _stateless(update_leaves, elementwise: bool = True, accepts_sparse: bool = False,
+               unscaled=None) -> GradientTransformation:
     def init(params: Tree) -> EmptyState:
         return EmptyState()
 
@@ -53,7 +53,7 @@ def _stateless(update_leaves, elementwise: bool = True, accepts_sparse: bool = F
         return as_tree(updates, update_leaves(u, params, extras)), state
 
     return GradientTransformation(init, update, leafwise=True, elementwise=elementwise,
-                                  accepts_sparse=accepts_sparse)
+                                  accepts_sparse=accepts_sparse, unscaled=unscaled)
 
 
 def _scale_leaves(u: list[torch.Tensor], factor: float | torch.Tensor, extras) -> list:
@@ -89,7 +89,9 @@ def scale(factor: float) -> GradientTransformation:
         raise ValueError("scale takes a number; use scale_by_schedule for a schedule")
     check_number("factor", factor)
     return _stateless(lambda u, params, extras: _scale_leaves(u, factor, extras),
-                      accepts_sparse=True)
+                      accepts_sparse=True,
+                      unscaled=lambda updates, state, params=None, **extras: (
+                          updates, state, factor))
 
 
 def scale_by_schedule(schedule: Schedule) -> GradientTransformation:
@@ -117,8 +119,12 @@ def scale_by_schedule(schedule: Schedule) -> GradientTransformation:
             updates = as_tree(updates, _scale_leaves(u, hoist(schedule(state.count)), extras))
         return updates, ScheduleState(state.count + 1)
 
+    def unscaled(updates: Tree, state: ScheduleState, params: Tree | None = None,
+                 **extras: Any):
+        return updates, ScheduleState(state.count + 1), hoist(schedule(state.count))
+
     return GradientTransformation(init, update, leafwise=True, elementwise=True,
-                                  accepts_sparse=True)
+                                  accepts_sparse=True, unscaled=unscaled)
 
 
 def scale_by_learning_rate(learning_rate: Hyper, *, flip_sign: bool = True

@@ -52,7 +52,10 @@ def trace(decay: Hyper = 0.9, nesterov: bool = False) -> GradientTransformation:
         o_t = b_t \\;\\text{or, with Nesterov,}\\; o_t = u_t + \\mu\\, b_t
 
     ``decay`` (μ) defaults to 0.9 and may be a schedule; ``b_0 = 0``, so the first output is the
-    input itself, as in ``torch.optim.SGD``. State: one buffer per parameter.
+    input itself, as in ``torch.optim.SGD``. State: one buffer per parameter. Without Nesterov,
+    given a ``borrowed`` extra (a set, from a caller that only reads the final updates, as the
+    optimizer adapter does), the output is the buffer itself, lent without a copy: its ids go
+    into the set, and a later member that writes copies first (``writable``).
 
     Example:
         >>> tx = trace(0.9)
@@ -76,6 +79,11 @@ def trace(decay: Hyper = 0.9, nesterov: bool = False) -> GradientTransformation:
                 torch._foreach_mul_(b, mu)
                 torch._foreach_add_(b, out)              # b <- mu b + u
                 torch._foreach_add_(out, b, alpha=mu)    # o <- u + mu b
+            elif "borrowed" in extras:  # b <- u + mu b, in place, one pass; o <- b, lent
+                for u_i, b_i in zip(u, b):
+                    torch.add(u_i, b_i, alpha=mu, out=b_i)
+                out = b
+                extras["borrowed"].update(map(id, b))
             else:
                 # o <- u + mu b_{t-1} = b_t, out of place: one pass, where cloning a raw
                 # gradient first (writable) would take two

@@ -350,6 +350,49 @@ def test_mixed_precision_updates_widen_only_16_bit_leaves():
 # named_chain
 
 
+# ---------------------------------------------------------------------------------------------
+# unscaled: the chain without its final scale, for an optimizer to fold into x <- x + c u
+
+def _decaying(count):
+    return 0.1 / (1 + count)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: chain(trace(0.9), scale_by_learning_rate(0.1)),
+    lambda: chain(scale_by_adam(), scale_by_learning_rate(_decaying)),
+    lambda: named_chain(("decay", add_decayed_weights(0.1)),
+                        ("inner", chain(trace(0.5), scale(-3.0)))),
+], ids=["constant-lr", "lr-schedule", "nested"])
+def test_unscaled_times_its_factor_is_the_update_with_the_same_state(make):
+    tx = make()
+    params = _params()
+    state_a, state_b = tx.init(params), tx.init(params)
+    for step in range(3):
+        expected, state_a = tx.update(_grads(step), state_a, params)
+        unscaled, state_b, factor = tx.unscaled(_grads(step), state_b, params)
+        for o, u in zip(leaves(expected), leaves(unscaled)):
+            torch.testing.assert_close(o, factor * u, rtol=1e-15, atol=0)
+        for a, b in zip(_state_tensors(state_a), _state_tensors(state_b)):
+            assert torch.equal(a, b)
+    assert str(state_a) == str(state_b)  # counts too
+
+
+def test_unscaled_factor_is_the_learning_rate_schedule_at_each_count():
+    tx = chain(trace(0.9), scale_by_learning_rate(_decaying))
+    params = _params()
+    state = tx.init(params)
+    for step in range(3):
+        _, state, factor = tx.unscaled(_grads(step), state, params)
+        assert factor == -_decaying(step)
+
+
+def test_only_a_chain_that_ends_in_a_scale_offers_unscaled():
+    assert chain(scale_by_adam(), scale(2.0)).unscaled is not None
+    assert chain(scale(2.0), scale_by_adam()).unscaled is None
+    assert chain().unscaled is None
+    assert scale_by_sign().unscaled is None
+
+
 def test_named_chain_state_is_keyed_by_member_names_in_order():
     tx = named_chain(("momentum", trace(0.9)), ("adam", scale_by_adam()),
                      ("lr", scale_by_learning_rate(0.1)))

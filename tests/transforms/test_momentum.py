@@ -31,6 +31,36 @@ def test_ema_matches_optax(decay, debias, kind, optax, assert_matches_optax):
 
 
 # ---------------------------------------------------------------------------------------------
+# Lending the buffer (the ``borrowed`` extra)
+
+def test_trace_lends_its_buffer_only_to_a_caller_that_asks():
+    tx = trace(0.9)
+    u = [torch.ones(3, dtype=F64)]
+    state = tx.init([torch.zeros(3, dtype=F64)])
+    out, state = tx.update(u, state, grads=u)
+    assert out[0] is not state.momentum[0]
+    borrowed: set[int] = set()
+    out, state = tx.update(u, state, grads=u, borrowed=borrowed)
+    assert out[0] is state.momentum[0] and borrowed == {id(state.momentum[0])}
+    torch.testing.assert_close(out[0], torch.full((3,), 1.9, dtype=F64), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_a_member_after_a_lending_trace_copies_before_writing_into_it(nesterov):
+    from gradchain.chains import chain
+    from gradchain.transforms import scale, scale_by_learning_rate
+    tx = chain(trace(0.9, nesterov=nesterov), scale(2.0), scale_by_learning_rate(0.5))
+    params = [torch.zeros(3, dtype=F64)]
+    lent, kept = tx.init(params), tx.init(params)
+    for step in range(4):
+        g = [torch.linspace(-1, 1, 3, dtype=F64) * (step + 1)]
+        expected, kept = tx.update(g, kept, params)
+        out, lent = tx.update(g, lent, params, borrowed=set())
+        torch.testing.assert_close(out[0], expected[0], rtol=0, atol=0)
+        torch.testing.assert_close(lent[0].momentum[0], kept[0].momentum[0], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
 # Closed forms
 
 def _outputs(tx, inputs, shape=(2,)):
