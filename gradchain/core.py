@@ -58,6 +58,7 @@ __all__ = [
     "hoist",
     "select_state",
     "merge_state",
+    "merge_states",
     "find_state",
     "hessian_vector_products",
     "expand_state",
@@ -594,16 +595,32 @@ def merge_state(full: Any, part: Any, index: Sequence[int]) -> Any:
         >>> merge_state((7, ["m0", "m1", "m2"]), (8, ["new"]), [1])
         (8, ['m0', 'new', 'm2'])
     """
+    return merge_states(full, [(part, index)])
+
+
+def merge_states(full: Any, parts: Sequence[tuple[Any, Sequence[int]]]) -> Any:
+    """``merge_state`` of several restricted states ``(part, index)`` at once, in one pass over
+    ``full``; group-wide values come from the last part.
+
+    Example:
+        >>> merge_states((7, ["m0", "m1", "m2"]), [((8, ["a"]), [2]), ((8, ["b"]), [0])])
+        (8, ['b', 'm1', 'a'])
+    """
+    if not parts:
+        return full
     if isinstance(full, list):
         merged = list(full)
-        for j, i in enumerate(index):
-            merged[i] = part[j]
+        for part, index in parts:
+            for j, i in enumerate(index):
+                merged[i] = part[j]
         return merged
     if isinstance(full, tuple):
-        return _rebuild(full, (merge_state(f, p, index) for f, p in zip(full, part)))
+        return _rebuild(full, (merge_states(f, [(part[k], index) for part, index in parts])
+                               for k, f in enumerate(full)))
     if isinstance(full, dict):
-        return {k: merge_state(full[k], part[k], index) for k in full}
-    return part
+        return {k: merge_states(f, [(part[k], index) for part, index in parts])
+                for k, f in full.items()}
+    return parts[-1][0]
 
 
 def expand_state(part: Any, index: Sequence[int], size: int) -> Any:

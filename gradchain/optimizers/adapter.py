@@ -22,7 +22,7 @@ from gradchain.core import (
     check_non_negative,
     flatten_state,
     leaves,
-    merge_state,
+    merge_states,
     needs_hvp,
     resolve,
     select_state,
@@ -405,11 +405,11 @@ class ChainOptimizer(torch.optim.Optimizer):
             else [(active, None)]
         rounding = self._rounds(group)
         run = compiled or _make_step(tx, not rounding, lend=True)
-        before, after = state, state
+        parts = []
         for index, rows in pieces:  # every piece starts from the state as it was before the step
             grads = {names[i]: _widen(_block(params[i].grad.detach(), rows)) for i in index}
             chunk_params = {names[i]: _block(params[i], rows) for i in index}
-            whole = select_state(before, index)
+            whole = select_state(state, index)
             piece_extras = {**extras, **{key: {names[i]: _widen(_block(values[i], rows))
                                                for i in index}
                                          for key, values in param_extras.items()}}
@@ -418,10 +418,10 @@ class ChainOptimizer(torch.optim.Optimizer):
             if rounding:
                 updates, part = part
                 self._apply_rounded(chunk_params, updates)
-            if rows is not None:  # elementwise: the state was updated in place through views
-                part = merge_state(whole, part, [])
-            after = merge_state(after, part, index)
-        self._group_states[group_index] = after
+            # elementwise row blocks updated their parameter's state in place, through views:
+            # only the group-wide values are new
+            parts.append((part, index if rows is None else []))
+        self._group_states[group_index] = merge_states(state, parts)
         self._group_steps[group_index] += 1
 
     def _rounds(self, group: dict[str, Any]) -> bool:
