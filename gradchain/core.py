@@ -355,8 +355,10 @@ def writable(updates: Sequence[Tensor], extras: Mapping[str, Any],
     raw = extras.get("grads")
     if raw is None:
         return [updates[i].clone() for i in index]
-    grads, borrowed = leaves(raw), extras.get("borrowed", ())
-    return [updates[i].clone() if updates[i] is grads[i] or id(updates[i]) in borrowed
+    grads, borrowed = leaves(raw), extras.get("borrowed")
+    # id() only when something is borrowed: dynamo would guard on every id it sees
+    return [updates[i].clone()
+            if updates[i] is grads[i] or (borrowed and id(updates[i]) in borrowed)
             else updates[i] for i in index]
 
 

@@ -23,6 +23,7 @@ from gradchain.core import (
     leaves,
     resolve,
     state_dtype,
+    writable,
 )
 from gradchain.distributed import local_shards
 
@@ -144,38 +145,68 @@ def schedule_free(base: GradientTransformation, learning_rate: Hyper, b1: float 
         return ScheduleFreeState(count=0, weight_sum=zero, lr_max=zero.clone(), z=z,
                                  base=base.init(params))
 
-    def update(updates: Tree, state: ScheduleFreeState, params: Tree | None = None,
-               **extras: Any):
+    memo: list[tuple[tuple[Any, ...], tuple[Tensor, Tensor, Any]]] = []
+
+    def averaging(state: ScheduleFreeState, rate: Any) -> tuple[Tensor, Tensor, Any]:
+        """The new weight sum and lr max and :math:`c_{t+1}`. Every piece of one optimizer step
+        starts from the same state, so an eager step computes them once (kept with the state's
+        own scalar tensors as the key) and reads c as a number; a compiled step keeps c a
+        tensor."""
+        key = (state.count, state.weight_sum, state.lr_max, rate)
+        eager = not torch.compiler.is_compiling() and not isinstance(rate, Tensor)
+        if eager and memo and _same_key(memo[0][0], key):
+            return memo[0][1]
+        lr = torch.as_tensor(rate, dtype=torch.float64, device=state.weight_sum.device)
+        lr_max = torch.maximum(state.lr_max, lr)
+        weight = float(state.count + 1) ** r * \
+            (lr if weighting == "current" else lr_max) ** weight_lr_power
+        weight_sum = state.weight_sum + weight
+        c = torch.where(weight_sum > 0, weight / weight_sum, 0.0)
+        result = (weight_sum, lr_max, c.item() if eager else c)
+        if eager:
+            memo[:] = [(key, result)]
+        return result
+
+    def unscaled(updates: Tree, state: ScheduleFreeState, params: Tree | None = None,
+                 **extras: Any):
         if params is None:
             raise ValueError("schedule_free needs the parameters (they hold y): "
                              "call update(updates, state, params)")
         check_dense_real(leaves(updates), "schedule_free")
-        t = state.count + 1
         rate = resolve(learning_rate, state.count)
         if not isinstance(rate, Tensor) and not rate >= 0:
             raise ValueError(f"schedule_free: learning_rate at count {state.count} is {rate}; "
                              "it must be >= 0")
-        lr = torch.as_tensor(rate, dtype=torch.float64, device=state.weight_sum.device)
-        lr_max = torch.maximum(state.lr_max, lr)
-        weight = float(t) ** r * (lr if weighting == "current" else lr_max) ** weight_lr_power
-        weight_sum = state.weight_sum + weight
-        c = torch.where(weight_sum > 0, weight / weight_sum, 0.0)
+        weight_sum, lr_max, c = averaging(state, rate)
         b_tree, base_state = base.update(updates, state.base, params, **extras)
-        new_state = ScheduleFreeState(t, weight_sum, lr_max, state.z, base_state)
-        b, z = leaves(b_tree), state.z
-        if not b:
-            return b_tree, new_state
+        new_state = ScheduleFreeState(state.count + 1, weight_sum, lr_max, state.z, base_state)
         keep = 1.0 - b1 * (1.0 - c)  # >= 1 - b1 > 0
-        # o = keep * ((c / keep) (z - y) + b): one new tensor, z's dtype (y is upcast exactly)
-        out = torch._foreach_sub(z, leaves(params))
-        torch._foreach_mul_(out, hoist(c / keep))
-        torch._foreach_add_(out, b)
-        torch._foreach_mul_(out, hoist(keep))
-        torch._foreach_add_(z, b)
-        return as_tree(updates, out), new_state
+        b, z = leaves(b_tree), state.z
+        if b:
+            # z <- z + b, then o / keep = b + (c / keep)(z_old - y) = lerp(b, z - y, c / keep),
+            # in z's dtype (y is upcast exactly); the caller scales by keep
+            out = writable(b, extras)
+            torch._foreach_add_(z, b)
+            # (a list of the weight: dynamo would read a single tensor weight with .item())
+            torch._foreach_lerp_(out, torch._foreach_sub(z, leaves(params)),
+                                 [hoist(c / keep)] * len(out))
+            b_tree = as_tree(updates, out)
+        return b_tree, new_state, hoist(keep)
+
+    def update(updates: Tree, state: ScheduleFreeState, params: Tree | None = None,
+               **extras: Any):
+        out, state, keep = unscaled(updates, state, params, **extras)
+        if leaves(out):
+            torch._foreach_mul_(leaves(out), keep)
+        return out, state
 
     return GradientTransformation(init, update, terminal=True, leafwise=base.leafwise,
-                                  elementwise=base.elementwise)
+                                  elementwise=base.elementwise, unscaled=unscaled)
+
+
+def _same_key(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """The same ``(count, weight_sum, lr_max, rate)``: the same scalar tensors, not equal ones."""
+    return a[0] == b[0] and a[1] is b[1] and a[2] is b[2] and a[3] == b[3]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -248,6 +248,47 @@ def test_empty_params_advance_the_count(kind):
     assert out == empty and state.count == 2
 
 
+def test_unscaled_times_keep_is_the_update_with_the_same_state():
+    tx = schedule_free(rms_base(0.1), 0.1, b1=0.9)
+    params_a, params_b = [torch.linspace(-1, 1, 5, dtype=F64)], [torch.linspace(-1, 1, 5,
+                                                                                dtype=F64)]
+    state_a, state_b = tx.init(params_a), tx.init(params_b)
+    for step in range(4):
+        g = [torch.linspace(0.5, -2, 5, dtype=F64) * (step + 1)]
+        out, state_a = tx.update(clone(g), state_a, params_a)
+        unscaled, state_b, keep = tx.unscaled(clone(g), state_b, params_b)
+        torch.testing.assert_close(out[0], keep * unscaled[0], rtol=1e-14, atol=0)
+        apply_updates(params_a, out)
+        params_b[0].add_(unscaled[0], alpha=keep)
+        torch.testing.assert_close(state_a.z[0], state_b.z[0], rtol=0, atol=0)
+        assert float(state_a.weight_sum) == float(state_b.weight_sum)
+
+
+def test_each_state_gets_its_own_averaging_weights_whatever_the_call_before():
+    """One transform, two states at the same count but with different weight sums, updated
+    alternately: every output equals that of a fresh transform (the eager step's scalars are
+    keyed by the state they come from)."""
+    lr = 0.1
+
+    def fresh_update(state, g, params):
+        return schedule_free(sign_base(lr), lr, b1=0.9).update(g, state, params)
+
+    tx = schedule_free(sign_base(lr), lr, b1=0.9)
+    params = [torch.ones(3, dtype=F64)]
+    first = tx.init(params)
+    second = first._replace(weight_sum=torch.tensor(5.0, dtype=F64),
+                            z=[z.clone() for z in first.z])
+    g = [torch.tensor([1.0, -2.0, 3.0], dtype=F64)]
+    for state in (first, second, first, second):
+        z_before = [z.clone() for z in state.z]
+        out, new = tx.update(clone(g), state, params)
+        state.z[0].copy_(z_before[0])  # undo the in-place z step for the reference
+        expected, _ = fresh_update(state, clone(g), params)
+        state.z[0].copy_(z_before[0])
+        torch.testing.assert_close(out[0], expected[0], rtol=0, atol=0)
+    assert float(new.weight_sum) != float(tx.update(clone(g), first, params)[1].weight_sum)
+
+
 def test_flags_follow_the_base():
     tx = schedule_free(sign_base(0.1), 0.1)
     assert tx.terminal and tx.leafwise and tx.elementwise and not tx.accepts_sparse
