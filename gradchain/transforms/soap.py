@@ -236,6 +236,13 @@ def _eigenbasis(gram: Tensor) -> Tensor | None:
     return None
 
 
+def _orthonormal(a: Tensor) -> Tensor:
+    """Q of the QR decomposition of the square ``a`` (Householder, as ``torch.linalg.qr``; R,
+    which a refresh does not use, is not formed)."""
+    reflectors, tau = torch.geqrf(a)
+    return torch.linalg.householder_product(reflectors, tau)
+
+
 def _refresh(grams: Matrices, basis: Matrices, nu: Tensor, mu: Tensor | None) -> None:
     """One power-iteration step and a QR per preconditioned axis, in place (§5.7 step 9).
 
@@ -258,14 +265,14 @@ def _refresh(grams: Matrices, basis: Matrices, nu: Tensor, mu: Tensor | None) ->
             fresh.append(None)
             continue
         power = gram @ q
-        if not bool(power.isfinite().all()):
+        if not bool(power.sum().isfinite()):  # a NaN or an infinity (or a sum that overflows)
             warnings.warn("soap_precondition: a Gram matrix is not finite (overflow?); keeping "
                           "its eigenbasis", RuntimeWarning, stacklevel=4)
             fresh.append(None)
             continue
         order = torch.argsort((q * power).sum(0), descending=True)
         nu.copy_(nu.index_select(axis, order))
-        fresh.append(torch.linalg.qr(power[:, order]).Q)
+        fresh.append(_orthonormal(power.index_select(1, order)))
     if mu is not None:
         one_product = [f is not None and f.shape[0] ** 2 < mu.numel() for f in fresh]
         old = tuple(None if f is None or r else q for q, f, r in zip(basis, fresh, one_product))
