@@ -49,6 +49,7 @@ __all__ = [
     "stochastic_round_",
     "all_finite",
     "writable",
+    "lend",
     "state_dtype",
     "zeros_like_state",
     "resolve",
@@ -106,9 +107,12 @@ class GradientTransformation(NamedTuple):
     transforms take sparse COO gradients. ``provides`` holds extras that a chain member hands
     to the members after it in its chain (``palm_beta2`` as a member provides the
     ``second_moment_decay`` extra). ``unscaled(updates, state, params=None, **extras) -> (u,
-    state, c)``, when given, is ``update`` without its last act, a multiplication by one scalar
-    ``c`` (``update`` returns ``c·u``): an optimizer that adds the result to its parameters
-    folds ``c`` into that addition (``x <- x + c·u``, one pass over the updates fewer).
+    state, a, b)``, when given, is ``update`` without its last acts, a scaling and decoupled
+    weight decay: ``update`` returns ``a·u + b·params`` (a and b scalars). An optimizer that adds
+    the result to its parameters folds them into that addition (``x <- (1 + b)·x + a·u``,
+    passes over the updates fewer). ``affine`` transforms are such a scaling or decay and nothing
+    else: ``update`` returns ``a·u + b·params`` of the updates as given, and so does
+    ``unscaled`` (``scale``, ``scale_by_learning_rate``, unmasked ``add_decayed_weights``).
 
     Defaults: every flag False, ``needs_hvp``, ``provides`` and ``unscaled`` None.
 
@@ -130,7 +134,8 @@ class GradientTransformation(NamedTuple):
     needs_hvp: Callable[[Any], bool] | None = None
     accepts_sparse: bool = False
     provides: Mapping[str, Any] | None = None
-    unscaled: Callable[..., tuple[Tree, Any, Any]] | None = None
+    unscaled: Callable[..., tuple[Tree, Any, Any, Any]] | None = None
+    affine: bool = False
 
 
 class EmptyState(NamedTuple):
@@ -360,6 +365,23 @@ def writable(updates: Sequence[Tensor], extras: Mapping[str, Any],
     return [updates[i].clone()
             if updates[i] is grads[i] or (borrowed and id(updates[i]) in borrowed)
             else updates[i] for i in index]
+
+
+def lend(buffers: list[Tensor], extras: Mapping[str, Any]) -> bool:
+    """Whether a transform may output ``buffers`` (its own state) without a copy: it may when
+    the caller accepts borrowed updates (a ``borrowed`` extra, a set), which then records their
+    ids, so that a later member copies before writing (``writable``).
+
+    Example:
+        >>> m, borrowed = [torch.ones(2)], set()
+        >>> lend(m, {}), lend(m, {"borrowed": borrowed}), id(m[0]) in borrowed
+        (False, True, True)
+    """
+    borrowed = extras.get("borrowed")
+    if borrowed is None:
+        return False
+    borrowed.update(map(id, buffers))
+    return True
 
 
 @torch.no_grad()

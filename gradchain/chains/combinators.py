@@ -98,17 +98,31 @@ def _sequential(members: list[tuple[str, GradientTransformation]], keyed: bool
                                      params, extras)
         return updates, packed(new_states)
 
+    # the members that leave their scaling and decay to the caller: the trailing affine ones,
+    # and the one before them if it can (it sees the real updates; the affine ones do not)
+    folded = 0
+    while folded < len(members) and members[-1 - folded][1].affine:
+        folded += 1
+    if folded < len(members) and members[-1 - folded][1].unscaled is not None:
+        folded += 1
+
     def unscaled(updates: Tree, state, params: Tree | None = None, **extras: Any):
-        updates, new_states, extras = run(len(members) - 1, _entry(updates, params, extras),
-                                          state, params, extras)
-        name, last = members[-1]
-        updates, last_state, factor = last.unscaled(
-            updates, state[name if keyed else len(new_states)], params, **extras)
-        return updates, packed([*new_states, (name, last_state)]), factor
+        updates, new_states, extras = run(len(members) - folded,
+                                          _entry(updates, params, extras), state, params, extras)
+        a, b = 1.0, 0.0  # the updates so far are a·u + b·x
+        for name, tx in members[len(members) - folded:]:
+            updates, member_state, scale, decay = tx.unscaled(
+                updates, state[name if keyed else len(new_states)], params, **extras)
+            a, b = scale * a, scale * b + decay  # scale·(a·u + b·x) + decay·x
+            new_states.append((name, member_state))
+            if tx.provides:
+                extras = {**extras, **tx.provides}
+        return updates, packed(new_states), a, b
 
     return GradientTransformation(
         init, update,
-        unscaled=unscaled if members and members[-1][1].unscaled is not None else None,
+        unscaled=unscaled if folded else None,
+        affine=bool(members) and all(tx.affine for _, tx in members),
         terminal=bool(members) and members[-1][1].terminal,
         leafwise=all(tx.leafwise for _, tx in members),
         elementwise=all(tx.elementwise for _, tx in members),

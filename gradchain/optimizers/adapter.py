@@ -541,9 +541,11 @@ def _make_step(tx: GradientTransformation, apply: bool = True, lend: bool = Fals
     """One update of a piece: applies it and returns the state, or, with ``apply=False``,
     returns ``(updates, state)`` for the caller to apply.
 
-    A chain that ends in a scale (the learning rate) is applied as ``x <- x + c·u`` in one pass
-    (``unscaled``). With ``lend`` (eager mode) its members may lend their state as updates (the
-    ``borrowed`` extra): this step only reads them.
+    A chain that ends in decoupled weight decay and a scale (the learning rate) is applied as
+    ``x <- x + b·x + a·u`` (``unscaled``): two passes over the parameters where adding the
+    decay, scaling and adding would take three; 16-bit parameters take the whole update in
+    float32 instead, rounded once. With ``lend`` (eager mode) the chain's members may lend their
+    state as updates (the ``borrowed`` extra): this step only reads them.
     """
 
     def step(grads: dict[str, Tensor], state: Any, params: dict[str, Tensor],
@@ -552,15 +554,20 @@ def _make_step(tx: GradientTransformation, apply: bool = True, lend: bool = Fals
             extras = {**extras, "borrowed": set()}
         if not apply:
             return tx.update(grads, state, params, grads=grads, **extras)
-        if tx.unscaled is None:
+        x = leaves(params)
+        if tx.unscaled is None or any(p.dtype in _LOW_PRECISION for p in x):
             updates, state = tx.update(grads, state, params, grads=grads, **extras)
-            torch._foreach_add_(leaves(params), leaves(updates))
+            torch._foreach_add_(x, leaves(updates))
             return state
-        updates, state, factor = tx.unscaled(grads, state, params, grads=grads, **extras)
-        if isinstance(factor, Tensor):
-            torch._foreach_add_(leaves(params), torch._foreach_mul(leaves(updates), factor))
+        updates, state, a, b = tx.unscaled(grads, state, params, grads=grads, **extras)
+        if isinstance(b, Tensor):
+            torch._foreach_add_(x, torch._foreach_mul(x, b))
+        elif b != 0:  # x + b·x in one rounding (a product by 1 + b would round that factor too)
+            torch._foreach_add_(x, x, alpha=b)
+        if isinstance(a, Tensor):
+            torch._foreach_add_(x, torch._foreach_mul(leaves(updates), a))
         else:
-            torch._foreach_add_(leaves(params), leaves(updates), alpha=factor)
+            torch._foreach_add_(x, leaves(updates), alpha=a)
         return state
 
     return step

@@ -43,6 +43,7 @@ class ScheduleState(NamedTuple):
 
 def _stateless(update_leaves, elementwise: bool = True, accepts_sparse: bool = False,
                unscaled=None) -> GradientTransformation:
+    """A transform without state; one with ``unscaled`` is affine (a scaling or a decay)."""
     def init(params: Tree) -> EmptyState:
         return EmptyState()
 
@@ -53,7 +54,8 @@ def _stateless(update_leaves, elementwise: bool = True, accepts_sparse: bool = F
         return as_tree(updates, update_leaves(u, params, extras)), state
 
     return GradientTransformation(init, update, leafwise=True, elementwise=elementwise,
-                                  accepts_sparse=accepts_sparse, unscaled=unscaled)
+                                  accepts_sparse=accepts_sparse, unscaled=unscaled,
+                                  affine=unscaled is not None)
 
 
 def _scale_leaves(u: list[torch.Tensor], factor: float | torch.Tensor, extras) -> list:
@@ -91,7 +93,7 @@ def scale(factor: float) -> GradientTransformation:
     return _stateless(lambda u, params, extras: _scale_leaves(u, factor, extras),
                       accepts_sparse=True,
                       unscaled=lambda updates, state, params=None, **extras: (
-                          updates, state, factor))
+                          updates, state, factor, 0.0))
 
 
 def scale_by_schedule(schedule: Schedule) -> GradientTransformation:
@@ -121,10 +123,10 @@ def scale_by_schedule(schedule: Schedule) -> GradientTransformation:
 
     def unscaled(updates: Tree, state: ScheduleState, params: Tree | None = None,
                  **extras: Any):
-        return updates, ScheduleState(state.count + 1), hoist(schedule(state.count))
+        return updates, ScheduleState(state.count + 1), hoist(schedule(state.count)), 0.0
 
     return GradientTransformation(init, update, leafwise=True, elementwise=True,
-                                  accepts_sparse=True, unscaled=unscaled)
+                                  accepts_sparse=True, unscaled=unscaled, affine=True)
 
 
 def scale_by_learning_rate(learning_rate: Hyper, *, flip_sign: bool = True
@@ -191,10 +193,23 @@ def add_decayed_weights(weight_decay: Hyper = 0.0, mask: Selector | None = None
             out[i] = d
         return out
 
+    def left_to_caller(updates: Tree, params: Tree | None, decay: float) -> tuple[Tree, float]:
+        """``unscaled``: the updates as they are, the decay for the caller to add."""
+        if params is None and decay != 0:
+            raise ValueError("add_decayed_weights needs the parameters: "
+                             "call update(updates, state, params)")
+        return updates, decay
+
     by_name = not callable(mask)  # a predicate may look at shapes, which row blocks change
     if not callable(weight_decay):
+        def constant_unscaled(updates: Tree, state: EmptyState, params: Tree | None = None,
+                              **extras: Any):
+            updates, decay = left_to_caller(updates, params, weight_decay)
+            return updates, state, 1.0, decay
+
         return _stateless(lambda u, params, extras: add_decay(u, params, weight_decay, extras),
-                          elementwise=by_name)
+                          elementwise=by_name,
+                          unscaled=constant_unscaled if mask is None else None)
 
     def init(params: Tree) -> ScheduleState:
         return ScheduleState(count=0)
@@ -204,7 +219,14 @@ def add_decayed_weights(weight_decay: Hyper = 0.0, mask: Selector | None = None
         return (as_tree(updates, add_decay(leaves(updates), params, decay, extras)),
                 ScheduleState(state.count + 1))
 
-    return GradientTransformation(init, update, leafwise=True, elementwise=by_name)
+    def unscaled(updates: Tree, state: ScheduleState, params: Tree | None = None,
+                 **extras: Any):
+        updates, decay = left_to_caller(updates, params, weight_decay(state.count))
+        return updates, ScheduleState(state.count + 1), 1.0, decay
+
+    return GradientTransformation(init, update, leafwise=True, elementwise=by_name,
+                                  unscaled=unscaled if mask is None else None,
+                                  affine=mask is None)
 
 
 def scale_by_sign() -> GradientTransformation:

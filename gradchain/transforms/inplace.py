@@ -19,6 +19,7 @@ State is float32 for 16-bit parameters; outputs never share memory with the stat
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -36,6 +37,7 @@ from gradchain.core import (
     debiased_decay,
     hoist,
     leaves,
+    lend,
     resolve,
     second_moment_decay,
     writable,
@@ -91,6 +93,16 @@ def _second_moment_(nu: list[Tensor], u: list[Tensor], weight: float) -> None:
     """``v <- (1 - w) v + w u^2``. As a lerp towards u² (no tensor-weight ``addcmul`` exists for
     ``torch.compile``), which also keeps a constant u² exactly."""
     _lerp_(nu, torch._foreach_mul(u, u), weight)
+
+
+def _output(moment: list[Tensor], scratch: list[Tensor], extras: Mapping[str, Any]
+            ) -> list[Tensor]:
+    """The moment as the output: lent when the caller allows (``lend``), else copied into
+    ``scratch``."""
+    if lend(moment, extras):
+        return moment
+    torch._foreach_copy_(local_shards(scratch), local_shards(moment, scratch))
+    return scratch
 
 
 def _floored_root(nu: list[Tensor], eps: float) -> list[Tensor]:
@@ -235,7 +247,7 @@ def scale_by_laprop(b1: Hyper = 0.9, b2: Hyper = 0.99, eps: float = 1e-8
         _second_moment_(nu, u, 1.0 - debiased_decay(decay2, state.count))
         out = torch._foreach_div(u, _floored_root(nu, eps))   # n, a new list
         _lerp_(mu, out, 1.0 - debiased_decay(b1, state.count))
-        torch._foreach_copy_(local_shards(out), local_shards(mu, out))
+        out = _output(mu, out, extras)
         return as_tree(updates, out), LapropState(state.count + 1, mu, nu)
 
     return GradientTransformation(init, update, leafwise=True, elementwise=True)
@@ -319,7 +331,7 @@ def scale_by_adopt(b1: Hyper = 0.9, b2: Hyper = 0.99, eps: float = 1e-8,
             torch._foreach_clamp_min_(out, [hoist(-limit)] * len(out))
             torch._foreach_clamp_max_(out, [hoist(limit)] * len(out))
         _lerp_(mu, out, 1.0 - beta1)
-        torch._foreach_copy_(local_shards(out), local_shards(mu, out))
+        out = _output(mu, out, extras)
         _second_moment_(nu, u, 1.0 - beta2)
         return as_tree(updates, out), AdoptState(count + 1, mu, nu)
 

@@ -20,6 +20,7 @@ from gradchain.core import (
     check_number,
     hoist,
     leaves,
+    lend,
     resolve,
     writable,
     zeros_like_state,
@@ -79,11 +80,10 @@ def trace(decay: Hyper = 0.9, nesterov: bool = False) -> GradientTransformation:
                 torch._foreach_mul_(b, mu)
                 torch._foreach_add_(b, out)              # b <- mu b + u
                 torch._foreach_add_(out, b, alpha=mu)    # o <- u + mu b
-            elif "borrowed" in extras:  # b <- u + mu b, in place, one pass; o <- b, lent
+            elif lend(b, extras):  # b <- u + mu b, in place, one pass; o <- b, lent
                 for u_i, b_i in zip(u, b):
                     torch.add(u_i, b_i, alpha=mu, out=b_i)
                 out = b
-                extras["borrowed"].update(map(id, b))
             else:
                 # o <- u + mu b_{t-1} = b_t, out of place: one pass, where cloning a raw
                 # gradient first (writable) would take two

@@ -191,11 +191,11 @@ def schedule_free(base: GradientTransformation, learning_rate: Hyper, b1: float 
             torch._foreach_lerp_(out, torch._foreach_sub(z, leaves(params)),
                                  [hoist(c / keep)] * len(out))
             b_tree = as_tree(updates, out)
-        return b_tree, new_state, hoist(keep)
+        return b_tree, new_state, hoist(keep), 0.0
 
     def update(updates: Tree, state: ScheduleFreeState, params: Tree | None = None,
                **extras: Any):
-        out, state, keep = unscaled(updates, state, params, **extras)
+        out, state, keep, _ = unscaled(updates, state, params, **extras)
         if leaves(out):
             torch._foreach_mul_(leaves(out), keep)
         return out, state

@@ -351,7 +351,8 @@ def test_mixed_precision_updates_widen_only_16_bit_leaves():
 
 
 # ---------------------------------------------------------------------------------------------
-# unscaled: the chain without its final scale, for an optimizer to fold into x <- x + c u
+# unscaled: the chain without its final scaling and decoupled weight decay, for an optimizer
+# to fold into x <- (1 + b) x + a u
 
 def _decaying(count):
     return 0.1 / (1 + count)
@@ -360,37 +361,51 @@ def _decaying(count):
 @pytest.mark.parametrize("make", [
     lambda: chain(trace(0.9), scale_by_learning_rate(0.1)),
     lambda: chain(scale_by_adam(), scale_by_learning_rate(_decaying)),
+    lambda: chain(scale_by_adam(), add_decayed_weights(0.1), scale_by_learning_rate(0.01)),
+    lambda: chain(scale_by_adam(), add_decayed_weights(_decaying), scale(-0.5)),
     lambda: named_chain(("decay", add_decayed_weights(0.1)),
-                        ("inner", chain(trace(0.5), scale(-3.0)))),
-], ids=["constant-lr", "lr-schedule", "nested"])
-def test_unscaled_times_its_factor_is_the_update_with_the_same_state(make):
+                        ("inner", chain(trace(0.5), add_decayed_weights(0.2), scale(-3.0)))),
+], ids=["constant-lr", "lr-schedule", "decoupled-decay", "decay-schedule", "nested"])
+def test_unscaled_is_the_update_as_a_u_plus_b_x_with_the_same_state(make):
     tx = make()
     params = _params()
     state_a, state_b = tx.init(params), tx.init(params)
     for step in range(3):
         expected, state_a = tx.update(_grads(step), state_a, params)
-        unscaled, state_b, factor = tx.unscaled(_grads(step), state_b, params)
-        for o, u in zip(leaves(expected), leaves(unscaled)):
-            torch.testing.assert_close(o, factor * u, rtol=1e-15, atol=0)
-        for a, b in zip(_state_tensors(state_a), _state_tensors(state_b)):
-            assert torch.equal(a, b)
+        unscaled, state_b, a, b = tx.unscaled(_grads(step), state_b, params)
+        for o, u, x in zip(leaves(expected), leaves(unscaled), leaves(params)):
+            torch.testing.assert_close(o, a * u + b * x, rtol=1e-14, atol=1e-16)
+        for s_a, s_b in zip(_state_tensors(state_a), _state_tensors(state_b)):
+            assert torch.equal(s_a, s_b)
     assert str(state_a) == str(state_b)  # counts too
 
 
-def test_unscaled_factor_is_the_learning_rate_schedule_at_each_count():
-    tx = chain(trace(0.9), scale_by_learning_rate(_decaying))
+def test_unscaled_reads_the_schedules_at_each_count():
+    tx = chain(trace(0.9), add_decayed_weights(_decaying), scale_by_learning_rate(_decaying))
     params = _params()
     state = tx.init(params)
     for step in range(3):
-        _, state, factor = tx.unscaled(_grads(step), state, params)
-        assert factor == -_decaying(step)
+        _, state, a, b = tx.unscaled(_grads(step), state, params)
+        assert a == -_decaying(step)
+        assert b == pytest.approx(-_decaying(step) * _decaying(step), rel=1e-15)
 
 
-def test_only_a_chain_that_ends_in_a_scale_offers_unscaled():
+def test_only_trailing_scales_and_unmasked_decays_are_left_to_the_caller():
     assert chain(scale_by_adam(), scale(2.0)).unscaled is not None
     assert chain(scale(2.0), scale_by_adam()).unscaled is None
     assert chain().unscaled is None
     assert scale_by_sign().unscaled is None
+    assert add_decayed_weights(0.1, mask=["w"]).unscaled is None
+    masked_then_lr = chain(scale_by_adam(), add_decayed_weights(0.1, mask=["w"]), scale(-0.1))
+    params = _params()
+    u, _, a, b = masked_then_lr.unscaled(_grads(0), masked_then_lr.init(params), params)
+    assert (a, b) == (-0.1, 0.0)  # the masked decay ran as a member
+
+
+def test_unscaled_decay_without_params_names_the_fix():
+    tx = chain(scale_by_adam(), add_decayed_weights(0.1), scale(-0.1))
+    with pytest.raises(ValueError, match="needs the parameters"):
+        tx.unscaled(_grads(0), tx.init(_params()))
 
 
 def test_named_chain_state_is_keyed_by_member_names_in_order():

@@ -233,6 +233,22 @@ def test_bfloat16_parameters_keep_float32_state():
     assert entry["adam.mu"].dtype == torch.float32 and model[0].weight.dtype == torch.bfloat16
 
 
+def test_a_step_folds_the_learning_rate_and_decay_into_the_apply_as_the_chain_defines_it():
+    """x <- x + b x + a u (unscaled) equals the chain's own update added to x, up to rounding;
+    bfloat16 parameters take the update in float32, rounded once: bit for bit the chain's."""
+    torch.manual_seed(0)
+    for dtype, rtol in ((torch.float64, 1e-13), (torch.bfloat16, 0)):
+        x = torch.randn(6, 5).to(dtype)
+        param = torch.nn.Parameter(x.clone())
+        param.grad = torch.randn(6, 5).to(dtype)
+        AdamW([param], lr=0.1, weight_decay=0.5).step()
+        tx = chains.adamw(learning_rate=0.1, weight_decay=0.5)
+        wide = x.double() if dtype == torch.float64 else x.float()
+        updates, _ = tx.update([param.grad.to(wide.dtype)], tx.init([wide]), [wide])
+        expected = (wide + updates[0]).to(dtype)
+        torch.testing.assert_close(param.detach(), expected, rtol=rtol, atol=0)
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(lr=-1.0), "learning_rate"),
     (dict(betas=(1.0, 0.999)), "b1"),

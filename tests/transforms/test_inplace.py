@@ -522,3 +522,21 @@ def test_the_compile_path_gives_bitwise_the_eager_result(monkeypatch, case, tree
 def test_inplace_docstring_examples_run():
     result = doctest.testmod(inplace)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("make", [scale_by_laprop, scale_by_adopt], ids=["laprop", "adopt"])
+def test_a_lent_moment_is_copied_before_a_later_member_writes_into_it(make):
+    """Given a ``borrowed`` extra the output is the moment buffer itself; a member after it that
+    writes (here a scale) copies first, so outputs and state equal those without lending."""
+    from gradchain.transforms import scale
+    tx = chain(make(), scale(2.0), scale_by_learning_rate(0.5))
+    params = [torch.zeros(4, dtype=torch.float64)]
+    lent, kept = tx.init(params), tx.init(params)
+    for step in range(4):
+        g = [torch.linspace(-1.0, 2.0, 4, dtype=torch.float64) * (step + 1)]
+        expected, kept = tx.update(g, kept, params)
+        borrowed: set[int] = set()
+        out, lent = tx.update(g, lent, params, borrowed=borrowed)
+        assert borrowed == {id(lent[0].mu[0])} or step == 0
+        torch.testing.assert_close(out[0], expected[0], rtol=0, atol=0)
+        torch.testing.assert_close(lent[0].mu[0], kept[0].mu[0], rtol=0, atol=0)

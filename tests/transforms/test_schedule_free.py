@@ -256,7 +256,8 @@ def test_unscaled_times_keep_is_the_update_with_the_same_state():
     for step in range(4):
         g = [torch.linspace(0.5, -2, 5, dtype=F64) * (step + 1)]
         out, state_a = tx.update(clone(g), state_a, params_a)
-        unscaled, state_b, keep = tx.unscaled(clone(g), state_b, params_b)
+        unscaled, state_b, keep, decay = tx.unscaled(clone(g), state_b, params_b)
+        assert decay == 0.0
         torch.testing.assert_close(out[0], keep * unscaled[0], rtol=1e-14, atol=0)
         apply_updates(params_a, out)
         params_b[0].add_(unscaled[0], alpha=keep)
