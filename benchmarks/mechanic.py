@@ -11,6 +11,13 @@
     needs no tuning. ``--plot`` saves final loss against base learning rate, and the learned
     scale S of every mechanized run against steps.
 
+    ``--schedule`` gives both optimizers the same learning-rate multiplier (the Mechanic
+    paper's setting: the base keeps its schedule, Mechanic learns the scale on top of it):
+    ``constant`` (the default) or ``cosine`` (half a cosine from 1 to 0 at the last step),
+    after ``--warmup`` steps of linear warm-up (default 0). ``--s-decay`` is Mechanic's λ
+    (default 0.01, the optax and mechanic-pytorch default); ``--weight-decay`` is AdamW's,
+    for both.
+
 ``overhead``
     The parameters and fixed random gradients of ``step_time.py`` (a GPT-like model, ~27M
     parameters). Candidates, interleaved one step each for ``--repeats`` rounds: torch's AdamW
@@ -22,6 +29,8 @@
 
     python benchmarks/mechanic.py sweep --plot mechanic_sweep.png     # 14 runs, 400 steps each
     python benchmarks/mechanic.py overhead --repeats 30
+    python benchmarks/mechanic.py sweep --warmup 100                 # warm-up, then constant
+    python benchmarks/mechanic.py sweep --steps 1000 --schedule cosine --warmup 100  # as the paper
     python benchmarks/mechanic.py sweep --small                      # smoke tests
     python benchmarks/mechanic.py overhead --small --repeats 3
 """
@@ -31,6 +40,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -52,20 +62,24 @@ DECADES = [10.0 ** e for e in range(-5, 2)]
 def sweep(args: argparse.Namespace) -> None:
     config = TaskConfig.small() if args.small else TaskConfig(steps=args.steps,
                                                               eval_every=args.steps // 8)
+    multiplier = schedule(args.schedule, args.warmup, config.steps)
     print(f"task: {config.steps} steps, d_model {config.d_model}, {config.n_layers} layers; "
-          f"AdamW weight decay {args.weight_decay}")
+          f"AdamW weight decay {args.weight_decay}; {args.schedule} schedule, "
+          f"{args.warmup} warm-up steps; Mechanic s_decay {args.s_decay}")
     finals: dict[str, dict[float, float]] = {"AdamW": {}, "mechanize(AdamW)": {}}
     scales: dict[float, list[float]] = {}
     for lr in args.lrs:
         finals["AdamW"][lr] = train(
-            lambda params: AdamW(params, lr=lr, weight_decay=args.weight_decay), config
+            lambda params: scheduled(AdamW(params, lr=lr, weight_decay=args.weight_decay),
+                                     multiplier), config
         ).final_val_loss
         trace: list[float] = []
 
         def mechanized(params, lr=lr, trace=trace):
-            optimizer = mechanize(AdamW)(params, lr=lr, weight_decay=args.weight_decay)
+            optimizer = mechanize(AdamW, s_decay=args.s_decay)(
+                params, lr=lr, weight_decay=args.weight_decay)
             optimizer.register_step_post_hook(lambda opt, *_: trace.append(opt.scale))
-            return optimizer
+            return scheduled(optimizer, multiplier)
 
         finals["mechanize(AdamW)"][lr] = train(mechanized, config).final_val_loss
         scales[lr] = trace
@@ -76,6 +90,36 @@ def sweep(args: argparse.Namespace) -> None:
     if args.plot:
         plot_sweep(finals, scales, args.plot)
         print(f"plot written to {args.plot}")
+
+
+def schedule(name: str, warmup: int, steps: int) -> Callable[[int], float]:
+    """The learning-rate multiplier of the step after ``t`` steps: linear warm-up from
+    ``1/warmup`` to 1 over ``warmup`` steps, then 1 (``constant``) or half a cosine from 1 to 0
+    at the last step (``cosine``).
+
+    Example:
+        >>> f = schedule("cosine", 2, 6)
+        >>> [round(f(t), 2) for t in range(6)]
+        [0.5, 1.0, 1.0, 0.85, 0.5, 0.15]
+    """
+    def multiplier(t: int) -> float:
+        if t < warmup:
+            return (t + 1) / warmup
+        if name == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * (t - warmup) / max(steps - warmup, 1)))
+
+    return multiplier
+
+
+def scheduled(optimizer: torch.optim.Optimizer, multiplier: Callable[[int], float]
+              ) -> torch.optim.Optimizer:
+    """``optimizer``, its learning rates multiplied by ``multiplier(steps taken)`` (a
+    ``LambdaLR`` advanced by a step hook, as ``train`` only calls ``optimizer.step``); a
+    mechanized optimizer's base learning rate is scheduled and its learned S applies on top."""
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+    optimizer.register_step_post_hook(lambda *_: scheduler.step())
+    return optimizer
 
 
 def report(finals: dict[str, dict[float, float]], tolerance: float) -> None:
@@ -118,7 +162,7 @@ def plot_sweep(finals: dict[str, dict[float, float]], scales: dict[float, list[f
     finite = [v for values in finals.values() for v in values.values() if math.isfinite(v)]
     by_lr.set(xscale="log", xlabel="base learning rate", ylabel="final validation loss",
               title="final validation loss against the base learning rate",
-              ylim=(None, min(max(finite), 2 * min(finite))))
+              ylim=(0.95 * min(finite), min(max(finite), 2 * min(finite))))
     by_lr.legend()
     for lr, trace in scales.items():
         by_step.plot(range(1, len(trace) + 1), trace, label=f"base lr {lr:.0e}")
@@ -196,6 +240,9 @@ def main() -> None:
     runs.add_argument("--lrs", type=float, nargs="+", default=DECADES)
     runs.add_argument("--steps", type=int, default=400)
     runs.add_argument("--weight-decay", type=float, default=0.01)
+    runs.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
+    runs.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
+    runs.add_argument("--s-decay", type=float, default=0.01, help="Mechanic's λ")
     runs.add_argument("--tolerance", type=float, default=0.10)
     runs.add_argument("--plot", metavar="PATH")
     runs.add_argument("--small", action="store_true", help="tiny sizes, for smoke tests")
