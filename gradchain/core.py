@@ -57,6 +57,7 @@ __all__ = [
     "debiased_decay",
     "second_moment_decay",
     "hoist",
+    "lerp_",
     "select_state",
     "merge_state",
     "merge_states",
@@ -499,6 +500,27 @@ def hoist(value: float | Tensor) -> float | Tensor:
             value = torch.scalar_tensor(value, dtype=torch.float64)
         return _hoisted(value.to(torch.float64))
     return value
+
+
+def lerp_(buffers: list[Tensor], targets: list[Tensor], weight: float | Tensor) -> None:
+    """``b <- b + w (x - b)``, i.e. ``(1 - w) b + w x``, in place, with a per-step weight.
+
+    Under ``torch.compile`` the weight is hoisted (a 0-d tensor) and the lerp goes one tensor at
+    a time: inductor fuses ``Tensor.lerp_`` with a tensor weight into the loops around it, while
+    ``_foreach_lerp_`` with tensor weights has no lowering and runs as a separate eager kernel
+    on materialised inputs (2.7x slower for compiled LaProp on the 27M-parameter benchmark).
+
+    Example:
+        >>> b = [torch.zeros(2)]
+        >>> lerp_(b, [torch.ones(2)], 0.25); b
+        [tensor([0.2500, 0.2500])]
+    """
+    if torch.compiler.is_compiling():
+        w = hoist(weight)
+        for b, x in zip(buffers, targets):
+            b.lerp_(x, w.to(b.dtype))
+        return
+    torch._foreach_lerp_(buffers, targets, [weight] * len(buffers))
 
 
 def resolve(value: Hyper, count: int) -> float:

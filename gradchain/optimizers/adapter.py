@@ -75,7 +75,7 @@ class AdapterOptions(TypedDict, total=False):
 #: applied while its tensors are still in cache (torch's CPU foreach ops run one tensor at a
 #: time, so a whole-list pass per op streams every buffer through memory once per op).
 #: Elementwise chains also split large parameters into blocks of rows of about this size.
-CHUNK_ELEMENTS = 1 << 18
+CHUNK_ELEMENTS = 1 << 19
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 

@@ -38,6 +38,7 @@ from gradchain.core import (
     hoist,
     leaves,
     lend,
+    lerp_,
     resolve,
     second_moment_decay,
     writable,
@@ -73,26 +74,10 @@ class AdoptState(NamedTuple):
     nu: list[Tensor]  # second moment of the updates before this call
 
 
-def _lerp_(buffers: list[Tensor], targets: list[Tensor], weight: float) -> None:
-    """``b <- b + w (x - b)``, i.e. ``(1 - w) b + w x``, with a per-step weight.
-
-    Under ``torch.compile`` the weight is the hoisted 0-d tensor and the lerp goes one tensor
-    at a time: inductor fuses ``Tensor.lerp_`` with a tensor weight into the loops around it,
-    while ``_foreach_lerp_`` with tensor weights has no lowering and runs as a separate eager
-    kernel on materialised inputs (it made the compiled LaProp step slower than the eager one on
-    the 27M-parameter benchmark, ``benchmarks/peers.py``; fused, it is 2.7x faster)."""
-    if torch.compiler.is_compiling():
-        w = hoist(weight)
-        for b, x in zip(buffers, targets):
-            b.lerp_(x, w.to(b.dtype))
-        return
-    torch._foreach_lerp_(buffers, targets, [weight] * len(buffers))
-
-
 def _second_moment_(nu: list[Tensor], u: list[Tensor], weight: float) -> None:
     """``v <- (1 - w) v + w u^2``. As a lerp towards u² (no tensor-weight ``addcmul`` exists for
     ``torch.compile``), which also keeps a constant u² exactly."""
-    _lerp_(nu, torch._foreach_mul(u, u), weight)
+    lerp_(nu, torch._foreach_mul(u, u), weight)
 
 
 def _output(moment: list[Tensor], scratch: list[Tensor], extras: Mapping[str, Any]
@@ -158,7 +143,7 @@ def scale_by_adam_inplace(b1: Hyper = 0.9, b2: Hyper = 0.99, eps: float = 1e-8
         check_dense_real(u, "scale_by_adam_inplace")
         decay2 = second_moment_decay(b2, extras)
         mu, nu = state.mu, state.nu
-        _lerp_(mu, u, 1.0 - debiased_decay(b1, state.count))
+        lerp_(mu, u, 1.0 - debiased_decay(b1, state.count))
         _second_moment_(nu, u, 1.0 - debiased_decay(decay2, state.count))
         out = torch._foreach_div(mu, _floored_root(nu, eps))
         return as_tree(updates, out), InplaceAdamState(state.count + 1, mu, nu)
@@ -246,7 +231,7 @@ def scale_by_laprop(b1: Hyper = 0.9, b2: Hyper = 0.99, eps: float = 1e-8
         decay2 = second_moment_decay(b2, extras)
         _second_moment_(nu, u, 1.0 - debiased_decay(decay2, state.count))
         out = torch._foreach_div(u, _floored_root(nu, eps))   # n, a new list
-        _lerp_(mu, out, 1.0 - debiased_decay(b1, state.count))
+        lerp_(mu, out, 1.0 - debiased_decay(b1, state.count))
         out = _output(mu, out, extras)
         return as_tree(updates, out), LapropState(state.count + 1, mu, nu)
 
@@ -330,7 +315,7 @@ def scale_by_adopt(b1: Hyper = 0.9, b2: Hyper = 0.99, eps: float = 1e-8,
             limit = count ** 0.25
             torch._foreach_clamp_min_(out, [hoist(-limit)] * len(out))
             torch._foreach_clamp_max_(out, [hoist(limit)] * len(out))
-        _lerp_(mu, out, 1.0 - beta1)
+        lerp_(mu, out, 1.0 - beta1)
         out = _output(mu, out, extras)
         _second_moment_(nu, u, 1.0 - beta2)
         return as_tree(updates, out), AdoptState(count + 1, mu, nu)

@@ -21,6 +21,7 @@ from gradchain.core import (
     find_state,
     hoist,
     leaves,
+    lerp_,
     resolve,
     state_dtype,
     writable,
@@ -187,9 +188,7 @@ def schedule_free(base: GradientTransformation, learning_rate: Hyper, b1: float 
             # in z's dtype (y is upcast exactly); the caller scales by keep
             out = writable(b, extras)
             torch._foreach_add_(z, b)
-            # (a list of the weight: dynamo would read a single tensor weight with .item())
-            torch._foreach_lerp_(out, torch._foreach_sub(z, leaves(params)),
-                                 [hoist(c / keep)] * len(out))
+            lerp_(out, torch._foreach_sub(z, leaves(params)), c / keep)
             b_tree = as_tree(updates, out)
         return b_tree, new_state, hoist(keep), 0.0
 
