@@ -14,7 +14,8 @@ use eps as a floor, :math:`\max(\sqrt{\hat v}, \epsilon)`.
 Every ``b2`` may be a schedule and is replaced by a ``palm_beta2`` that comes earlier in the
 same chain (``core.second_moment_decay``). Schedules see the 0-based index of the moment's own
 update (the count of this transform's calls, except where ``scale_by_adopt`` says otherwise).
-State is float32 for 16-bit parameters; outputs never share memory with the state.
+State is float32 for 16-bit parameters. Outputs never share memory with the state, except that
+LaProp and ADOPT lend their momentum as the output to a caller that allows it (``core.lend``).
 """
 
 from __future__ import annotations
