@@ -107,7 +107,9 @@ class MechanicRule(NamedTuple):
 
     def tune(self, state: MechanicState, h: Tensor) -> MechanicState:
         """The learners' step from h: the next state, with the same x_ref and Δ."""
-        beta = _beta_tensor(self.betas, state.s.dtype, state.s.device)
+        beta = torch.tensor(self.betas, dtype=state.s.dtype, device=state.s.device) \
+            if torch.compiler.is_compiling() else \
+            _beta_tensor(self.betas, state.s.dtype, state.s.device)  # dynamo warns of lru_cache
         tuner = _optax_tuner if self.optax else _pytorch_tuner
         s, m, v, r = tuner(h, state, beta, self.s_init / len(self.betas), self.eps)
         return MechanicState(state.count + 1, state.x_ref, state.delta, s, m, v, r)
