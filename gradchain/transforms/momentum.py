@@ -54,9 +54,11 @@ def trace(decay: Hyper = 0.9, nesterov: bool = False) -> GradientTransformation:
 
     ``decay`` (μ) defaults to 0.9 and may be a schedule; ``b_0 = 0``, so the first output is the
     input itself, as in ``torch.optim.SGD``. State: one buffer per parameter. Without Nesterov,
-    given a ``borrowed`` extra (a set, from a caller that only reads the final updates, as the
-    optimizer adapter does), the output is the buffer itself, lent without a copy: its ids go
-    into the set, and a later member that writes copies first (``writable``).
+    on CPU, given a ``borrowed`` extra (a set, from a caller that only reads the final updates,
+    as the optimizer adapter does), the output is the buffer itself, lent without a copy: its
+    ids go into the set, and a later member that writes copies first (``writable``). (The
+    in-place form goes one tensor at a time: cheap on the adapter's CPU pieces, one kernel
+    launch per parameter elsewhere, where the two foreach kernels are kept.)
 
     Example:
         >>> tx = trace(0.9)
@@ -80,7 +82,7 @@ def trace(decay: Hyper = 0.9, nesterov: bool = False) -> GradientTransformation:
                 torch._foreach_mul_(b, mu)
                 torch._foreach_add_(b, out)              # b <- mu b + u
                 torch._foreach_add_(out, b, alpha=mu)    # o <- u + mu b
-            elif lend(b, extras):  # b <- u + mu b, in place, one pass; o <- b, lent
+            elif u[0].device.type == "cpu" and lend(b, extras):  # b <- u + mu b; o <- b
                 for u_i, b_i in zip(u, b):
                     torch.add(u_i, b_i, alpha=mu, out=b_i)
                 out = b

@@ -151,8 +151,8 @@ def schedule_free(base: GradientTransformation, learning_rate: Hyper, b1: float 
     def averaging(state: ScheduleFreeState, rate: Any) -> tuple[Tensor, Tensor, Any]:
         """The new weight sum and lr max and :math:`c_{t+1}`. Every piece of one optimizer step
         starts from the same state, so an eager step computes them once (kept with the state's
-        own scalar tensors as the key) and reads c as a number; a compiled step keeps c a
-        tensor."""
+        own scalar tensors as the key), and on CPU reads c as a number (elsewhere that would
+        synchronise the device); a compiled step keeps c a tensor."""
         key = (state.count, state.weight_sum, state.lr_max, rate)
         eager = not torch.compiler.is_compiling() and not isinstance(rate, Tensor)
         if eager and memo and _same_key(memo[0][0], key):
@@ -163,7 +163,8 @@ def schedule_free(base: GradientTransformation, learning_rate: Hyper, b1: float 
             (lr if weighting == "current" else lr_max) ** weight_lr_power
         weight_sum = state.weight_sum + weight
         c = torch.where(weight_sum > 0, weight / weight_sum, 0.0)
-        result = (weight_sum, lr_max, c.item() if eager else c)
+        on_cpu = eager and c.device.type == "cpu"
+        result = (weight_sum, lr_max, c.item() if on_cpu else c)
         if eager:
             memo[:] = [(key, result)]
         return result
