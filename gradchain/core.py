@@ -268,19 +268,32 @@ def selected_indices(tree: Tree, selector: Selector, what: str = "mask") -> list
 
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:
-    """Whether every entry of every tensor is finite, with one host synchronisation (a max-norm
-    is finite iff all its entries are; a 2-norm could overflow on large finite values).
+    """Whether every entry of every tensor is finite, with one host synchronisation in the
+    common case.
+
+    A finite 2-norm implies finite entries, and ``_foreach_norm`` is ten times faster than a
+    max-norm on the CPU; only when some 2-norm is not finite (a non-finite entry, or large finite
+    values whose squares overflow) are the max-norms computed, which decide exactly.
 
     Example:
         >>> all_finite([torch.ones(2), torch.tensor([1.0, float("nan")])])
         False
+        >>> all_finite([torch.full((4,), 3e38)])  # its 2-norm overflows; its entries are finite
+        True
+        >>> all_finite([torch.full((2,), 1e300, dtype=torch.float64)])
+        True
     """
     tensors = [t for t in tensors if t.numel()]
     if not tensors:
         return True
-    norms = torch._foreach_norm(tensors, ord=math.inf)
-    return bool(torch.stack([n.to(norms[0].device, torch.float32) for n in norms])
-                .isfinite().all())
+    return _norms_finite(torch._foreach_norm(tensors)) or _norms_finite(
+        torch._foreach_norm(tensors, ord=math.inf))
+
+
+def _norms_finite(norms: Sequence[Tensor]) -> bool:
+    """Whether every norm is finite (one host synchronisation)."""
+    device = norms[0].device
+    return bool(torch.stack([n.isfinite().to(device) for n in norms]).all())
 
 
 def check_structure(updates: Tree, params: Tree, what: str = "updates") -> None:

@@ -60,8 +60,10 @@ class SoapState(NamedTuple):
     in the rotated basis (``None`` when ``b1 == 0``), and ``nu``, the second moment in the
     rotated basis; ``gram`` and ``basis``, one entry per merged axis: the Gram EMA
     :math:`L_a` and the basis :math:`Q_a` (both :math:`d_a \\times d_a`), or ``None`` for an axis
-    that is not preconditioned. Checkpoint keys: ``"mu"``, ``"nu"``, ``"gram.1"``,
-    ``"basis.0"``, ...
+    that is not preconditioned. :math:`L_a` is symmetric; between refreshes only its lower
+    triangle is kept current (each refresh, which alone reads it, mirrors it onto the upper one),
+    so read it as ``gram.tril() + gram.tril(-1).T``. Checkpoint keys: ``"mu"``, ``"nu"``,
+    ``"gram.1"``, ``"basis.0"``, ...
 
     Example:
         >>> state = soap_precondition().init([torch.zeros(4, 3000)])  # 3000 > 2048: not rotated
@@ -185,10 +187,12 @@ _SYMMETRIC_BLOCK = 256  # below this many rows a Gram block is one plain product
 
 
 def _add_gram_(gram: Tensor, mat: Tensor, beta: float, alpha: float) -> None:
-    """:math:`L \\leftarrow \\beta L + \\alpha\\, A A^\\top` in place, computing each
-    off-diagonal block once: with :math:`A` split into row halves :math:`A_1, A_2`, the blocks are
-    :math:`A_1A_1^\\top`, :math:`A_2A_2^\\top` (recursively) and :math:`A_2A_1^\\top`, whose
-    transpose is the fourth: three quarters of the work of one product per level."""
+    """:math:`L \\leftarrow \\beta L + \\alpha\\, A A^\\top` on the lower triangle of L, in place,
+    computing each off-diagonal block once: with :math:`A` split into row halves
+    :math:`A_1, A_2`, the blocks are :math:`A_1A_1^\\top`, :math:`A_2A_2^\\top` (recursively) and
+    :math:`A_2A_1^\\top`: three quarters of the work of one product per level. The blocks above
+    the diagonal are left as they were (as BLAS's ``syrk`` leaves one triangle); ``_symmetrize_``
+    mirrors them when the whole matrix is needed."""
     rows = mat.shape[0]
     if rows <= _SYMMETRIC_BLOCK:
         gram.addmm_(mat, mat.T, beta=beta, alpha=alpha)
@@ -197,15 +201,24 @@ def _add_gram_(gram: Tensor, mat: Tensor, beta: float, alpha: float) -> None:
     top, bottom = mat[:half], mat[half:]
     _add_gram_(gram[:half, :half], top, beta, alpha)
     _add_gram_(gram[half:, half:], bottom, beta, alpha)
-    lower = gram[half:, :half]
-    lower.addmm_(bottom, top.T, beta=beta, alpha=alpha)
-    gram[:half, half:].copy_(lower.T)
+    gram[half:, :half].addmm_(bottom, top.T, beta=beta, alpha=alpha)
+
+
+def _symmetrize_(gram: Tensor) -> None:
+    """Copies the blocks below the diagonal that ``_add_gram_`` updates onto those above it."""
+    rows = gram.shape[0]
+    if rows <= _SYMMETRIC_BLOCK:
+        return
+    half = rows // 2
+    _symmetrize_(gram[:half, :half])
+    _symmetrize_(gram[half:, half:])
+    gram[:half, half:].copy_(gram[half:, :half].T)
 
 
 def _accumulate_grams(g: Tensor, grams: Matrices, beta: float) -> None:
     """:math:`L_a \\leftarrow \\beta L_a + (1-\\beta)\\,\\mathrm{Gram}_a(G)` in place, where
     :math:`\\mathrm{Gram}_a(G)` contracts G with itself over every axis but a (exact for
-    :math:`\\beta = 0`)."""
+    :math:`\\beta = 0`). A matrix's Grams are updated on their lower triangle (``_add_gram_``)."""
     for axis, gram in enumerate(grams):
         if gram is None:
             continue
@@ -264,15 +277,17 @@ def _refresh(grams: Matrices, basis: Matrices, nu: Tensor, mu: Tensor | None) ->
         if gram is None or q is None:
             fresh.append(None)
             continue
-        power = gram @ q
-        if not bool(power.sum().isfinite()):  # a NaN or an infinity (or a sum that overflows)
+        _symmetrize_(gram)
+        power_t = q.T @ gram  # (L_a Q_a)^T: its rows are gathered fast, and geqrf reads its
+        # transpose without the copy into column-major order that a row-major matrix needs
+        if not bool(power_t.sum().isfinite()):  # a NaN or an infinity (or a sum that overflows)
             warnings.warn("soap_precondition: a Gram matrix is not finite (overflow?); keeping "
                           "its eigenbasis", RuntimeWarning, stacklevel=4)
             fresh.append(None)
             continue
-        order = torch.argsort((q * power).sum(0), descending=True)
+        order = torch.argsort(torch.linalg.vecdot(q.T, power_t), descending=True)
         nu.copy_(nu.index_select(axis, order))
-        fresh.append(_orthonormal(power.index_select(1, order)))
+        fresh.append(_orthonormal(power_t.index_select(0, order).T))
     if mu is not None:
         one_product = [f is not None and f.shape[0] ** 2 < mu.numel() for f in fresh]
         old = tuple(None if f is None or r else q for q, f, r in zip(basis, fresh, one_product))
@@ -408,7 +423,8 @@ def soap_precondition(b1: Hyper = 0.9, b2: Hyper = 0.95, shampoo_beta: Hyper | N
                                  precondition_1d)
         options = dict(dtype=state_dtype(p), device=p.device)
         grams = tuple(torch.zeros(d, d, **options) if on else None for d, on in zip(shape, axes))
-        basis = tuple(torch.eye(d, **options) if on else None for d, on in zip(shape, axes))
+        # bases column-major, as geqrf reads and householder_product writes them
+        basis = tuple(torch.eye(d, **options).T if on else None for d, on in zip(shape, axes))
         mu = torch.zeros(shape, **options) if momentum else None
         return mu, torch.zeros(shape, **options), grams, basis
 
@@ -428,6 +444,7 @@ def soap_precondition(b1: Hyper = 0.9, b2: Hyper = 0.95, shampoo_beta: Hyper | N
             for gram, q in zip(grams, basis):
                 if gram is None or q is None:
                     continue
+                _symmetrize_(gram)
                 vectors = _eigenbasis(gram)
                 if vectors is None:
                     warnings.warn("soap_precondition: torch.linalg.eigh failed (also in float64); "
@@ -458,7 +475,9 @@ def soap_precondition(b1: Hyper = 0.9, b2: Hyper = 0.95, shampoo_beta: Hyper | N
             torch._foreach_add_(den, resolve(eps, count))
         if scale != 1.0:
             torch._foreach_div_(den, scale)
-        return torch._foreach_div(mu if momentum else rotated, den)
+        for numerator, d in zip(mu if momentum else rotated, den):
+            torch.div(numerator, d, out=d)  # into den: no fresh buffer to fault in
+        return den
 
     def step(u: list[Tensor], state: SoapState, decay2: Hyper, k: int) -> list[Tensor]:
         """The k-th real update (§5.7 steps 1-7): the outputs; moments and Grams in place."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gradchain.chains import apply_if_finite, chain
-from gradchain.core import GradientTransformation
+from gradchain.core import GradientTransformation, all_finite
 from gradchain.transforms import scale_by_adam, scale_by_learning_rate, trace
 from chain_helpers import clone as _clone, grads, params
 
@@ -163,3 +163,16 @@ def test_zero_element_parameter_does_not_break_the_finite_check():
     params = [torch.zeros(0), torch.zeros(2)]
     out, state = tx.update([torch.zeros(0), torch.ones(2)], tx.init(params), params)
     assert out[0].shape == (0,) and state.total_skips == 0
+
+
+@pytest.mark.parametrize("dtype, large", [(torch.float16, 6e4), (torch.bfloat16, 3e38),
+                                          (torch.float32, 3e38), (torch.float64, 1e300)])
+@pytest.mark.parametrize("bad", [None, math.nan, math.inf, -math.inf])
+def test_all_finite_is_exact_where_the_fast_two_norm_overflows(dtype, large, bad):
+    # every tensor's 2-norm overflows its dtype; only a non-finite entry may give False
+    tensors = [torch.full((64,), large, dtype=dtype), torch.zeros(0, dtype=dtype),
+               torch.full((3, 5), -large, dtype=dtype)]
+    if bad is not None:
+        tensors[2][1, 4] = bad
+    assert all_finite(tensors) is (bad is None)
+    assert all_finite([t / large for t in tensors]) is (bad is None)  # the fast path

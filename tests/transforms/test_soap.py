@@ -129,7 +129,8 @@ def as_soap_kwargs(case):
     ((4, 4), {}),
     ((3, 4, 5), dict(merge_dims=False)),   # every axis rotated, the tensordot path
     ((4, 2, 2), {}),                       # merged to (4, 4), rotated on both
-], ids=["matrix", "rank3", "merged"])
+    ((300, 300), {}),                      # Grams accumulated blockwise, mirrored at refreshes
+], ids=["matrix", "rank3", "merged", "blocked"])
 @pytest.mark.parametrize("case", REFERENCE_CASES)
 def test_matches_the_direct_reference(shape, options, case):
     grads = gradients(shape, 12, seed=1)
@@ -137,9 +138,12 @@ def test_matches_the_direct_reference(shape, options, case):
     expected = reference_soap([g.reshape(view) for g in grads], **REFERENCE_CASES[case])
     outs, _ = run_leaf(soap_precondition(**as_soap_kwargs(REFERENCE_CASES[case]), **options),
                        grads)
+    # a 300 x 300 gradient's Grams have close small eigenvalues: eigh's rounding moves their
+    # eigenvectors (and the Adam coordinates divided by the smallest second moments) by ~1e-6
+    tolerance = dict(rtol=1e-5, atol=1e-8) if shape == (300, 300) else dict(rtol=1e-9, atol=1e-11)
     for k, (o, e) in enumerate(zip(outs, expected)):
         assert o.shape == shape
-        torch.testing.assert_close(o.reshape(view), e, rtol=1e-9, atol=1e-11,
+        torch.testing.assert_close(o.reshape(view), e, **tolerance,
                                    msg=lambda m: f"call {k}: {m}")
 
 
@@ -611,8 +615,9 @@ def test_soap_docstring_examples_run():
 @pytest.mark.parametrize("shape", [(517, 300), (300, 517), (1100, 7), (256, 40), (3, 9)])
 @pytest.mark.parametrize("transposed", [False, True])
 def test_blocked_gram_equals_the_plain_product(shape, transposed):
-    """The Gram accumulation computes off-diagonal blocks once and mirrors them; the result is
-    the plain :math:`\\beta L + \\alpha A A^\\top`, for odd sizes and strided (transposed) A."""
+    """The Gram accumulation computes off-diagonal blocks once, below the diagonal, and
+    ``_symmetrize_`` mirrors them: the plain :math:`\\beta L + \\alpha A A^\\top`, for odd sizes
+    and strided (transposed) A."""
     torch.manual_seed(0)
     a = torch.randn(shape, dtype=torch.float64)
     a = a.T if transposed else a
@@ -620,7 +625,10 @@ def test_blocked_gram_equals_the_plain_product(shape, transposed):
     start = start + start.T
     gram = start.clone()
     soap._add_gram_(gram, a, 0.9, 0.1)
-    torch.testing.assert_close(gram, 0.9 * start + 0.1 * a @ a.T, rtol=1e-12, atol=1e-12)
+    expected = 0.9 * start + 0.1 * a @ a.T
+    torch.testing.assert_close(gram.tril(), expected.tril(), rtol=1e-12, atol=1e-12)
+    soap._symmetrize_(gram)
+    torch.testing.assert_close(gram, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_a_gram_that_overflowed_keeps_its_basis_and_never_reaches_the_update():
