@@ -11,7 +11,7 @@ import torch
 from recipes import ALL, make, step
 
 import gradchain.optimizers.adapter as adapter
-from gradchain.optimizers import AdamW
+from gradchain.optimizers import SGD, AdamW
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -66,6 +66,21 @@ def test_the_default_mode_does_split_the_group(monkeypatch):
     assert len(adapter._pieces(params, active, tx)) > len(params)
     assert adapter._pieces(params, active, tx, foreach=True) == [(active, None)]
     assert adapter._pieces(params, active, tx, foreach=False) == [([i], None) for i in active]
+
+
+@pytest.mark.parametrize("make, tensors", [
+    (lambda p: SGD(p, lr=0.1), 2),                  # parameter and gradient
+    (lambda p: SGD(p, lr=0.1, momentum=0.9), 3),    # and the momentum buffer
+    (lambda p: AdamW(p), 4),                        # and both moments
+])
+def test_pieces_share_the_cache_among_the_parameter_sized_tensors(make, tensors):
+    params = [torch.nn.Parameter(torch.zeros(64, 32)), torch.nn.Parameter(torch.zeros(5))]
+    optimizer = make(params)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    state = optimizer._group_states[0]
+    assert adapter._piece_elements(params, [0, 1], state) == adapter.CHUNK_ELEMENTS // tensors
 
 
 def test_foreach_must_be_none_or_a_bool():
