@@ -19,7 +19,7 @@ from gradchain.core import (
     state_dtype,
     unflatten_state,
 )
-from gradchain.distributed import local_shard, local_shards, sum_over_shards
+from gradchain.distributed import is_dtensor, local_shard, local_shards, sum_over_shards
 from gradchain.optimizers.adapter import _backward_with_graph, _saved_entry
 from gradchain.transforms.mechanic import (
     DEFAULT_BETAS,
@@ -216,7 +216,8 @@ def mechanize(optimizer_class: type[torch.optim.Optimizer], *, s_decay: float = 
     ``store_delta=True``). During a step, the parameters that have gradients are copied once
     (the parameters before the base step, widened to float32 if 16-bit); the sums that read the
     gradients are taken before the base step, so the gradients are not copied, and the rest
-    works one parameter at a time with temporaries of that parameter's size.
+    works in pieces of 2^18 elements with two reused temporaries of that size (a whole
+    parameter's where it is not contiguous, or a DTensor).
 
     The class is named ``"Mechanized" + optimizer_class.__name__`` and is also an instance of
     ``Mechanized``.
@@ -244,35 +245,76 @@ def mechanize(optimizer_class: type[torch.optim.Optimizer], *, s_decay: float = 
                  "__qualname__": name})
 
 
+#: Elements per piece of the per-parameter passes below: the temporaries of a piece stay in
+#: cache between the operations that read them, so each parameter-sized tensor crosses memory
+#: once per pass rather than once per operation.
+_PIECE_ELEMENTS = 1 << 18
+
+
+def _pieces(tensors: Sequence[Tensor]) -> list[list[Tensor]]:
+    """Tensors of one shape as aligned flat pieces of ``_PIECE_ELEMENTS`` elements (views), or
+    whole when one of them is not contiguous or is a DTensor."""
+    if not all(t.is_contiguous() and not is_dtensor(t) for t in tensors):
+        return [list(tensors)]
+    flat = [t.view(-1) for t in tensors]
+    return [[f[start:start + _PIECE_ELEMENTS] for f in flat]
+            for start in range(0, flat[0].numel(), _PIECE_ELEMENTS)]
+
+
+def _temporary(scratch: dict[tuple[Any, ...], Tensor], like: Tensor, slot: int
+               ) -> Tensor | None:
+    """A buffer shaped as the flat piece ``like``, reused by every piece of a pass (a fresh
+    temporary per piece would be faulted in each time); None (allocate) for a whole tensor."""
+    if is_dtensor(like) or like.dim() != 1 or like.numel() > _PIECE_ELEMENTS:
+        return None
+    key = (like.dtype, like.device, slot)
+    buffer = scratch.get(key)
+    if buffer is None:
+        buffer = scratch[key] = torch.empty(_PIECE_ELEMENTS, dtype=like.dtype, device=like.device)
+    return buffer[:like.numel()]
+
+
 def _shift_products(rule: MechanicRule, state: MechanicState, vectors: list[list[Tensor]],
                     x: list[Tensor]) -> list[Tensor]:
     r""":math:`\langle a, \text{shift}\rangle` for every list a of ``vectors``, with shift =
-    x - x_ref formed one parameter at a time (or the stored delta), in the scalars' dtype; over
+    x - x_ref formed piece by piece (or the stored delta), in the scalars' dtype; over
     DTensors, from their local shards and one collective per sum."""
     sums: list[list[Tensor]] = [[] for _ in vectors]
     like = state.s
+    scratch: dict[tuple[Any, ...], Tensor] = {}
     for i, (xi, ref) in enumerate(zip(x, state.x_ref)):
-        shift = local_shard(state.delta[i] if rule.store_delta else xi - ref, xi)
-        shift = shift.reshape(-1).to(like.dtype)
-        for total, a in zip(sums, vectors):
-            total.append(torch.dot(local_shard(a[i], xi).reshape(-1).to(like.dtype), shift)
-                         .to(like.device))
+        source = [state.delta[i]] if rule.store_delta else [xi, ref]
+        tensors = [local_shard(t, xi) for t in (*source, *(a[i] for a in vectors))]
+        totals = [like.new_zeros(()) for _ in vectors]
+        for piece in _pieces(tensors):
+            shift = piece[0] if rule.store_delta else \
+                torch.sub(piece[0], piece[1], out=_temporary(scratch, piece[0], 0))
+            shift = shift.reshape(-1).to(like.dtype)
+            for total, a in zip(totals, piece[len(source):]):
+                total += torch.dot(a.reshape(-1).to(like.dtype), shift).to(like.device)
+        for total, value in zip(sums, totals):
+            total.append(value)
     return [torch.stack(sum_over_shards(total, x)).sum() for total in sums]
 
 
 def _write_scaled(rule: MechanicRule, state: MechanicState, new: MechanicState,
                   x_before: list[Tensor], x_after: list[Tensor]) -> None:
     r"""Set the parameters to :math:`x_{t+1} = x_t + c\,\text{shift} + S_{t+1} u` (recovered
-    Δ) or :math:`x_{ref} + S_{t+1}\Delta_{t+1}` (stored Δ), u = x_after - x_before, one
-    parameter at a time; each is rounded once to the parameter's dtype."""
+    Δ) or :math:`x_{ref} + S_{t+1}\Delta_{t+1}` (stored Δ), u = x_after - x_before, piece by
+    piece; each entry is rounded once to the parameter's dtype."""
     new_scale = rule.scale(new)
     c = None if rule.store_delta else rule.shift_coefficient(state, new_scale)
+    scratch: dict[tuple[Any, ...], Tensor] = {}
     for i, (before, after) in enumerate(zip(x_before, x_after)):
-        u = after.to(before.dtype) - before
-        if rule.store_delta:
-            state.delta[i].add_(u)
-            # as the chain rounds it: x + ((S Delta + x_ref) - x)
-            target = (state.delta[i] * new_scale).add_(state.x_ref[i]).sub_(before).add_(before)
-        else:
-            target = (before - state.x_ref[i]).mul_(c).add_(u.mul_(new_scale)).add_(before)
-        after.copy_(target)
+        tensors = [before, after, state.x_ref[i], *([state.delta[i]] if rule.store_delta else [])]
+        for b, a, ref, *delta in _pieces(tensors):
+            u = torch.sub(a.to(b.dtype), b, out=_temporary(scratch, b, 0))
+            if rule.store_delta:
+                delta[0].add_(u)
+                # as the chain rounds it: x + ((S Delta + x_ref) - x)
+                target = torch.mul(delta[0], new_scale, out=_temporary(scratch, b, 1))
+                target.add_(ref).sub_(b).add_(b)
+            else:
+                target = torch.sub(b, ref, out=_temporary(scratch, b, 1))
+                target.mul_(c).add_(u.mul_(new_scale)).add_(b)
+            a.copy_(target)

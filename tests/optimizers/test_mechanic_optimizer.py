@@ -336,3 +336,28 @@ def test_a_step_without_any_gradient_runs_the_base_and_keeps_no_state():
     before = _flat(model.parameters())
     opt.step()
     assert opt.scale is None and torch.equal(_flat(model.parameters()), before)
+
+
+@pytest.mark.parametrize("store_delta", [False, True])
+def test_pieces_give_the_whole_parameter_result(store_delta, monkeypatch):
+    """The passes run over flat pieces (ragged last piece here) and over whole tensors where a
+    parameter is not contiguous; the trajectory is the whole-tensor one up to the order of the
+    sums."""
+    import gradchain.optimizers.mechanic as mechanic_module
+
+    def run(piece: int) -> list[torch.Tensor]:
+        monkeypatch.setattr(mechanic_module, "_PIECE_ELEMENTS", piece)
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(6, 5, dtype=torch.float64, generator=gen)),
+                  torch.nn.Parameter(torch.randn(4, 7, dtype=torch.float64, generator=gen).T)]
+        assert not params[1].is_contiguous()
+        opt = mechanize(torch.optim.AdamW, store_delta=store_delta)(params, lr=0.1)
+        for _ in range(8):
+            for p in params:
+                p.grad = torch.randn(p.shape, dtype=p.dtype, generator=gen)
+            opt.step()
+        return [p.detach().clone() for p in params] + [torch.tensor(opt.scale)]
+
+    for pieces, whole in zip(run(7), run(1 << 30)):
+        torch.testing.assert_close(pieces, whole, rtol=1e-12, atol=1e-14)
+        assert not torch.equal(pieces, torch.zeros_like(pieces))
