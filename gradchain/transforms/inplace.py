@@ -91,10 +91,16 @@ def _output(moment: list[Tensor], scratch: list[Tensor], extras: Mapping[str, An
     return scratch
 
 
-def _floored_root(nu: list[Tensor], eps: float) -> list[Tensor]:
-    """A new list :math:`\\max(\\sqrt{v}, \\epsilon)`."""
+def _over_floored_root(numerator: list[Tensor], nu: list[Tensor], eps: float) -> list[Tensor]:
+    """A new list :math:`a / \\max(\\sqrt{v}, \\epsilon)`. In eager mode the quotients are
+    written into the denominators' buffers: one new tensor per entry rather than two (each new
+    one is faulted into memory); the same numbers."""
     denom = torch._foreach_sqrt(nu)
     torch._foreach_maximum_(local_shards(denom), eps)  # DTensors have no sharding rule for it
+    if torch.compiler.is_compiling():
+        return torch._foreach_div(numerator, denom)
+    for a, d in zip(local_shards(numerator, denom), local_shards(denom)):
+        torch.div(a, d, out=d)
     return denom
 
 
@@ -146,7 +152,7 @@ def scale_by_adam_inplace(b1: Hyper = 0.9, b2: Hyper = 0.99, eps: float = 1e-8
         mu, nu = state.mu, state.nu
         lerp_(mu, u, 1.0 - debiased_decay(b1, state.count))
         _second_moment_(nu, u, 1.0 - debiased_decay(decay2, state.count))
-        out = torch._foreach_div(mu, _floored_root(nu, eps))
+        out = _over_floored_root(mu, nu, eps)
         return as_tree(updates, out), InplaceAdamState(state.count + 1, mu, nu)
 
     return GradientTransformation(init, update, leafwise=True, elementwise=True)
@@ -188,7 +194,7 @@ def scale_by_rms_inplace(b2: Hyper = 0.99, eps: float = 1e-8) -> GradientTransfo
         nu = state.nu
         decay2 = second_moment_decay(b2, extras)
         _second_moment_(nu, u, 1.0 - debiased_decay(decay2, state.count))
-        out = torch._foreach_div(u, _floored_root(nu, eps))  # a new list: no clone of u first
+        out = _over_floored_root(u, nu, eps)  # a new list: no clone of u first
         return as_tree(updates, out), InplaceRmsState(state.count + 1, nu)
 
     return GradientTransformation(init, update, leafwise=True, elementwise=True)
@@ -231,7 +237,7 @@ def scale_by_laprop(b1: Hyper = 0.9, b2: Hyper = 0.99, eps: float = 1e-8
         mu, nu = state.mu, state.nu
         decay2 = second_moment_decay(b2, extras)
         _second_moment_(nu, u, 1.0 - debiased_decay(decay2, state.count))
-        out = torch._foreach_div(u, _floored_root(nu, eps))   # n, a new list
+        out = _over_floored_root(u, nu, eps)   # n, a new list
         lerp_(mu, out, 1.0 - debiased_decay(b1, state.count))
         out = _output(mu, out, extras)
         return as_tree(updates, out), LapropState(state.count + 1, mu, nu)
@@ -311,7 +317,7 @@ def scale_by_adopt(b1: Hyper = 0.9, b2: Hyper = 0.99, eps: float = 1e-8,
             torch._foreach_zero_(out)
             return as_tree(updates, out), AdoptState(1, mu, nu)
         beta1, beta2 = decays(count, decay2)
-        out = torch._foreach_div(u, _floored_root(nu, eps))   # n, with the previous v
+        out = _over_floored_root(u, nu, eps)   # n, with the previous v
         if clipping:
             limit = count ** 0.25
             torch._foreach_clamp_min_(out, [hoist(-limit)] * len(out))
