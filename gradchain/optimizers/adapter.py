@@ -622,20 +622,9 @@ def _piece_elements(params: list[Tensor], active: list[int], state: Any) -> int:
     parameter's size that its update touches (itself, its gradient, its state of that size)."""
     largest = max(active, key=lambda i: params[i].numel())
     size = params[largest].numel()
-    tensors = 2 + sum(1 for t in _tensors(select_state(state, [largest])) if t.numel() == size)
+    entry = flatten_state(select_state(state, [largest]), 1)[0][0]
+    tensors = 2 + sum(1 for t in entry.values() if isinstance(t, Tensor) and t.numel() == size)
     return max(1, CHUNK_ELEMENTS // tensors)
-
-
-def _tensors(tree: Any) -> Iterator[Tensor]:
-    """The tensors of a state tree (tuples, lists, dicts)."""
-    if isinstance(tree, Tensor):
-        yield tree
-    elif isinstance(tree, (tuple, list)):
-        for item in tree:
-            yield from _tensors(item)
-    elif isinstance(tree, dict):
-        for item in tree.values():
-            yield from _tensors(item)
 
 
 def _block(tensor: Tensor, rows: slice | EllipsisType | None) -> Tensor:
