@@ -30,12 +30,13 @@ from gradchain.distributed import check_whole
 __all__ = ["SM3State", "scale_by_sm3"]
 
 #: On CPU in eager mode a leaf is processed in blocks of rows (slices of its first axis) of
-#: about this many elements: the full-size estimate nu of the step then never exists, and each
-#: block's nu is reduced and turned into the output while it is still in cache. The result does
-#: not depend on the block size (the reductions are maxima, which are exact).
-BLOCK_ELEMENTS = 1 << 19
+#: about this many elements: each block's nu is computed in the output's rows, reduced and
+#: turned into the output in place while it is still in cache. The result does not depend on
+#: the block size (the reductions are maxima, which are exact).
+BLOCK_ELEMENTS = 1 << 20
 
-#: Leaves of at least this many elements plan their blocks from the accumulators (``_plan``).
+#: Leaves of at least this many elements plan their blocks from the accumulators (``_plan``);
+#: smaller vectors (rank <= 1) are updated together with foreach ops (``_Rule.vectors``).
 PLAN_ELEMENTS = 1 << 14
 
 _RULES = ("assign", "running_max")
@@ -177,15 +178,20 @@ def scale_by_sm3(b1: float = 0.0, b2: float = 1.0, eps: float = 1e-30,
             raise ValueError("scale_by_sm3(b1 > 0) was handed a state without momentum buffers "
                              "(initialised with b1 = 0); re-initialise the state")
         blocked = not torch.compiler.is_compiling()
-        scratch: dict[torch.dtype, Tensor] = {}  # one block's nu, reused by every leaf
-        out = []
+        momentum = state.momentum or [None] * len(u)
+        out: list[Tensor | None] = [None] * len(u)
+        vectors = [i for i, g in enumerate(u) if blocked and rule.batches(g, state.mu[i][0])]
+        for i, o in zip(vectors, rule.vectors([u[i] for i in vectors],
+                                              [state.mu[i][0] for i in vectors],
+                                              [momentum[i] for i in vectors])):
+            out[i] = o
         for i, g in enumerate(u):
+            if out[i] is not None:
+                continue
             if g.layout == torch.sparse_coo:
-                out.append(rule.sparse(g, state.mu[i][0]))
+                out[i] = rule.sparse(g, state.mu[i][0])
             else:
-                m = state.momentum[i] if state.momentum is not None else None
-                out.append(rule.dense(g, state.mu[i], m, blocked and g.device.type == "cpu",
-                                      scratch))
+                out[i] = rule.dense(g, state.mu[i], momentum[i], blocked and g.device.type == "cpu")
         return as_tree(updates, out), state
 
     return GradientTransformation(init, update, leafwise=True, elementwise=False,
@@ -230,21 +236,64 @@ class _Rule(NamedTuple):
         nu >= f = d min_a mu^a entry by entry (rounding is monotonic), so a block whose
         smallest f is > 0 needs no 0/0 guard, and if moreover f + eps == f in nu's dtype, adding
         eps changes none of its entries (a larger x has a coarser spacing): both are skipped,
-        and the result is bitwise the same."""
+        and the result is bitwise the same. The leaf's smallest f decides first, with margins
+        (in float64, a normal f, and eps below an eighth of f's relative spacing, so below half
+        the spacing of any number of nu's dtype from f up)."""
+        blocks = -(-mu[0].numel() // step)
+        info = torch.finfo(dtype)
+        least = self.d * torch.cat([accumulator.reshape(-1) for accumulator in mu]).amin().item()
+        if least >= 2 * info.tiny and 8 * self.eps < least * info.eps:
+            return [(False, False)] * blocks
         floor = mu[0].reshape(-1).to(dtype)
         for accumulator in mu[1:]:
             floor = torch.minimum(floor, accumulator.amin().to(dtype))
         if self.d != 1.0:
             floor = floor * self.d
-        blocks = -(-floor.numel() // step)
         floor = torch.cat([floor, floor.new_full((blocks * step - floor.numel(),), math.inf)])
         floor = floor.view(blocks, step).amin(dim=1)
         guard = ~(floor > 0)
         add_eps = guard | (floor + self.eps != floor)
         return list(zip(guard.tolist(), add_eps.tolist()))
 
-    def dense(self, g: Tensor, mu: tuple[Tensor, ...], m: Tensor | None, blocked: bool,
-              scratch: dict[torch.dtype, Tensor]) -> Tensor:
+    def batches(self, g: Tensor, mu: Tensor) -> bool:
+        """Whether a leaf goes with the small vectors of ``vectors``: dense, rank <= 1, fewer
+        than ``PLAN_ELEMENTS`` entries, on the CPU, of its state's dtype, and eps > 0 in it."""
+        return (g.layout == torch.strided and g.dim() <= 1 and 0 < g.numel() < PLAN_ELEMENTS
+                and g.device.type == "cpu" and g.dtype == mu.dtype
+                and self.eps >= torch.finfo(mu.dtype).tiny)
+
+    def vectors(self, g: list[Tensor], mu: list[Tensor], m: list[Tensor | None]) -> list[Tensor]:
+        """``dense`` for small vectors (``batches``), all at once with foreach ops, bitwise
+        the same: with eps > 0, ``g / sqrt(nu + eps)`` is finite where ``nu == 0`` (there g^2
+        underflowed), and multiplying by ``sign(nu)``, 0 there and 1 elsewhere, is the guard."""
+        if not g:
+            return []
+        shapes = [x.shape for x in g]
+        g, mu = [x.reshape(-1) for x in g], [x.reshape(-1) for x in mu]
+        if self.d == 1.0:
+            nu = torch._foreach_addcmul(mu, g, g, value=self.c)
+        else:
+            nu = torch._foreach_mul(mu, self.d)
+            torch._foreach_addcmul_(nu, g, g, value=self.c)
+        if self.running_max:
+            torch._foreach_maximum_(mu, nu)
+        else:
+            torch._foreach_copy_(mu, nu)
+        positive = torch._foreach_sign(nu)
+        torch._foreach_add_(nu, self.eps)
+        torch._foreach_rsqrt_(nu)
+        torch._foreach_mul_(nu, g)
+        torch._foreach_mul_(nu, positive)
+        out = [x.view(shape) for x, shape in zip(nu, shapes)]
+        buffers = [x for x in m if x is not None]
+        if buffers:  # m <- b1 m + (1 - b1) p; o = m
+            torch._foreach_lerp_(buffers, [o for o, x in zip(out, m) if x is not None],
+                                 1.0 - self.b1)
+            torch._foreach_copy_([o for o, x in zip(out, m) if x is not None], buffers)
+        return out
+
+    def dense(self, g: Tensor, mu: tuple[Tensor, ...], m: Tensor | None, blocked: bool
+              ) -> Tensor:
         """The output for a dense leaf; updates ``mu`` (and ``m``) in place. ``blocked``: in
         blocks of rows (CPU, eager), else in one piece (``_whole``)."""
         dtype = torch.promote_types(g.dtype, mu[0].dtype)
@@ -254,7 +303,7 @@ class _Rule(NamedTuple):
             # in-place updates of 0-d float64 inputs are also lost under torch.compile 2.13)
             g, mu = g.reshape(1), (mu[0].reshape(1),)
             m = None if m is None else m.reshape(1)
-            return self.dense(g, mu, m, blocked, scratch).reshape(())
+            return self.dense(g, mu, m, blocked).reshape(())
         if not blocked:
             return self._whole(g, mu, m)
         out = torch.empty(g.shape, dtype=dtype, device=g.device)
@@ -262,17 +311,13 @@ class _Rule(NamedTuple):
         step = min(n0, max(1, BLOCK_ELEMENTS // row))
         # skip the guard and eps where the accumulators show them idle
         plan = self._plan(mu, step, dtype) if g.numel() >= PLAN_ELEMENTS else None
-        size = step * row
-        buffer = scratch.get(dtype)
-        if buffer is None or buffer.numel() < size or buffer.device != g.device:
-            buffer = scratch[dtype] = torch.empty(size, dtype=dtype, device=g.device)
         others: list[Tensor | None] = [None] * (len(mu) - 1)  # new mu^a, a >= 1, over blocks
         for start in range(0, n0, step):
             rows = slice(start, start + step)
             g_rows = g[rows]
-            nu = buffer[:g_rows.numel()].view(g_rows.shape)
+            nu = out[rows]  # each block's nu becomes its output in place
             self._rows(g_rows, mu, rows, others, nu)
-            self._precondition(g_rows, nu, out[rows], *(plan[start // step] if plan else ()))
+            self._precondition(g_rows, nu, nu, *(plan[start // step] if plan else ()))
             if m is not None:  # m <- b1 m + (1 - b1) p; o = m
                 m[rows].lerp_(out[rows], 1.0 - self.b1)
                 out[rows].copy_(m[rows])

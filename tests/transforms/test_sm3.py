@@ -294,6 +294,55 @@ def test_plan_skips_the_guard_and_eps_only_where_they_are_idle():
     assert halved == [(False, True), (False, False)]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("d", [1.0, 0.9])
+def test_the_plan_shortcut_skips_only_where_every_block_would(dtype, d):
+    # accumulators spread over 40 decades, eps from far below to far above the smallest of them:
+    # whatever the shortcut decides must be what the exact per-block rule decides
+    rule = sm3_module._Rule(0.0, 1.0 - d if d < 1 else 1.0, d, 0.0, False)
+    gen = torch.Generator().manual_seed(0)
+    shortcuts = 0
+    for trial in range(200):
+        low = 10.0 ** torch.empty(1).uniform_(-30, 10, generator=gen).item()
+        rows = (low * torch.exp(torch.rand(16, 1, generator=gen, dtype=F64) * 3)).to(dtype)
+        columns = (low * torch.exp(torch.rand(1, 5, generator=gen, dtype=F64) * 3)).to(dtype)
+        eps = low * 10.0 ** torch.empty(1).uniform_(-20, 2, generator=gen).item()
+        exact = rule._replace(eps=eps)
+        plan = exact._plan((rows, columns), 4, dtype)
+        floor = (torch.minimum(rows.reshape(-1), columns.amin()) * d).view(4, 4).amin(dim=1)
+        expected = [(False, bool((f + eps != f).item())) for f in floor]
+        assert plan == expected or plan == [(False, True)] * 4 and all(e for _, e in expected)
+        shortcuts += plan == [(False, False)] * 4
+    assert 20 < shortcuts < 180  # both sides of the margin are exercised
+
+
+def test_small_vectors_together_give_bitwise_the_per_leaf_result(monkeypatch):
+    # foreach over the small rank <= 1 leaves against one leaf at a time (PLAN_ELEMENTS = 0):
+    # zeros, signs, an underflowing g^2 (nu = 0 with g != 0), and a larger vector in between
+    shapes = [(7,), (), (3000,), (5,)]
+    grads = [list(gs) for gs in zip(*(random_grads(s, 5, seed=30 + k, zeros=0.3)
+                                      for k, s in enumerate(shapes)))]
+    for step in range(2):
+        grads[step][0][2] = -1e-200
+        grads[step][3][1] = 3e-170
+    params = [torch.zeros(s, dtype=F64) for s in shapes]
+    for b1, b2, rule in [(0.0, 1.0, "assign"), (0.5, 0.9, "assign"), (0.3, 0.8, "running_max")]:
+        together = run(scale_by_sm3(b1=b1, b2=b2, eps=1e-300, ema_accumulator_rule=rule),
+                       grads, params)
+        with monkeypatch.context() as patch:
+            patch.setattr(sm3_module, "PLAN_ELEMENTS", 0)
+            alone = run(scale_by_sm3(b1=b1, b2=b2, eps=1e-300, ema_accumulator_rule=rule),
+                        grads, params)
+        assert together[0][0][0][2] == 0 and together[0][0][3][1] == 0  # guarded
+        for a, b in zip(together[0], alone[0]):
+            assert all(torch.equal(x, y) and torch.equal(x.signbit(), y.signbit())
+                       for x, y in zip(a, b))
+        for a, b in zip(together[1].mu, alone[1].mu):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+        if b1:
+            assert all(torch.equal(x, y) for x, y in zip(together[1].momentum, alone[1].momentum))
+
+
 # ---------------------------------------------------------------------------------------------
 # Sparse rows (§1.7, §11 item 6)
 
