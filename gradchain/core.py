@@ -46,6 +46,7 @@ __all__ = [
     "subset",
     "selected_indices",
     "apply_updates",
+    "add_scaled_",
     "stochastic_round_",
     "all_finite",
     "writable",
@@ -114,8 +115,15 @@ class GradientTransformation(NamedTuple):
     passes over the updates fewer). ``affine`` transforms are such a scaling or decay and nothing
     else: ``update`` returns ``a·u + b·params`` of the updates as given, and so does
     ``unscaled`` (``scale``, ``scale_by_learning_rate``, unmasked ``add_decayed_weights``).
+    ``into_params(updates, state, params, a, b, **extras) -> state``, when given, adds the
+    transform's updates to the parameters itself, ``params <- params + b·params + a·u`` in place:
+    the same numbers as ``unscaled`` (``update`` where there is none) followed by that addition,
+    but u may be added block by block and never held whole (SM3's eager step allocates no
+    parameter-sized temporary). A chain offers it when its last member before a tail of affine
+    members does.
 
-    Defaults: every flag False, ``needs_hvp``, ``provides`` and ``unscaled`` None.
+    Defaults: every flag False, ``needs_hvp``, ``provides``, ``unscaled`` and ``into_params``
+    None.
 
     Example:
         >>> halve = GradientTransformation(
@@ -137,6 +145,7 @@ class GradientTransformation(NamedTuple):
     provides: Mapping[str, Any] | None = None
     unscaled: Callable[..., tuple[Tree, Any, Any, Any]] | None = None
     affine: bool = False
+    into_params: Callable[..., Any] | None = None
 
 
 class EmptyState(NamedTuple):
@@ -425,6 +434,27 @@ def apply_updates(params: Tree, updates: Tree, stochastic_rounding: bool = False
     if p:
         torch._foreach_add_(p, u)
     return params
+
+
+def add_scaled_(params: list[Tensor], updates: list[Tensor], a: float | Tensor,
+                b: float | Tensor = 0.0) -> None:
+    """``x <- x + b·x + a·u`` for every parameter, in place: ``x + b·x`` in one rounding (a
+    product by ``1 + b`` would round that factor too), then ``a·u`` added; ``a`` and ``b`` are
+    numbers or 0-d tensors (learning rates kept as tensors).
+
+    Example:
+        >>> x = [torch.ones(2)]
+        >>> add_scaled_(x, [torch.ones(2)], -0.5, -0.1); x
+        [tensor([0.4000, 0.4000])]
+    """
+    if isinstance(b, Tensor):
+        torch._foreach_add_(params, torch._foreach_mul(params, b))
+    elif b != 0:
+        torch._foreach_add_(params, params, alpha=b)
+    if isinstance(a, Tensor):
+        torch._foreach_add_(params, torch._foreach_mul(updates, a))
+    else:
+        torch._foreach_add_(params, updates, alpha=a)
 
 
 @torch.no_grad()

@@ -119,9 +119,32 @@ def _sequential(members: list[tuple[str, GradientTransformation]], keyed: bool
                 extras = {**extras, **tx.provides}
         return updates, packed(new_states), a, b
 
+    # the member that adds its own updates to the parameters, before the affine tail
+    tail = 0
+    while tail < len(members) and members[-1 - tail][1].affine:
+        tail += 1
+    fusing = len(members) - tail - 1
+
+    def into_params(updates: Tree, state, params: Tree, scale: Any, decay: Any, **extras: Any):
+        updates, new_states, extras = run(fusing, _entry(updates, params, extras), state,
+                                          params, extras)
+        name, tx = members[fusing]
+        after = {**extras, **tx.provides} if tx.provides else extras
+        a, b = 1.0, 0.0  # the tail's scaling and decay, which do not look at the updates
+        tail_states = []
+        for position, (tail_name, tail_tx) in enumerate(members[fusing + 1:], start=fusing + 1):
+            _, tail_state, factor, tail_decay = tail_tx.unscaled(
+                updates, state[tail_name if keyed else position], params, **after)
+            a, b = factor * a, factor * b + tail_decay
+            tail_states.append((tail_name, tail_state))
+        member_state = tx.into_params(updates, state[name if keyed else fusing], params,
+                                      scale * a, scale * b + decay, **extras)
+        return packed([*new_states, (name, member_state), *tail_states])
+
     return GradientTransformation(
         init, update,
         unscaled=unscaled if folded else None,
+        into_params=into_params if fusing >= 0 and members[fusing][1].into_params else None,
         affine=bool(members) and all(tx.affine for _, tx in members),
         terminal=bool(members) and members[-1][1].terminal,
         leafwise=all(tx.leafwise for _, tx in members),

@@ -17,6 +17,7 @@ from typing_extensions import TypedDict
 
 from gradchain.core import (
     GradientTransformation,
+    add_scaled_,
     all_finite,
     apply_updates,
     check_non_negative,
@@ -549,7 +550,8 @@ def _make_step(tx: GradientTransformation, apply: bool = True, lend: bool = Fals
     ``x <- x + b·x + a·u`` (``unscaled``): two passes over the parameters where adding the
     decay, scaling and adding would take three; 16-bit parameters take the whole update in
     float32 instead, rounded once. With ``lend`` (eager mode) the chain's members may lend their
-    state as updates (the ``borrowed`` extra): this step only reads them.
+    state as updates (the ``borrowed`` extra): this step only reads them, and a chain that can
+    (``into_params``: SM3's) adds its own updates to the parameters, block by block.
     """
 
     def step(grads: dict[str, Tensor], state: Any, params: dict[str, Tensor],
@@ -559,19 +561,15 @@ def _make_step(tx: GradientTransformation, apply: bool = True, lend: bool = Fals
         if not apply:
             return tx.update(grads, state, params, grads=grads, **extras)
         x = leaves(params)
-        if tx.unscaled is None or any(p.dtype in _LOW_PRECISION for p in x):
+        wide = not any(p.dtype in _LOW_PRECISION for p in x)
+        if wide and lend and tx.into_params is not None:
+            return tx.into_params(grads, state, params, 1.0, 0.0, grads=grads, **extras)
+        if tx.unscaled is None or not wide:
             updates, state = tx.update(grads, state, params, grads=grads, **extras)
             torch._foreach_add_(x, leaves(updates))
             return state
         updates, state, a, b = tx.unscaled(grads, state, params, grads=grads, **extras)
-        if isinstance(b, Tensor):
-            torch._foreach_add_(x, torch._foreach_mul(x, b))
-        elif b != 0:  # x + b·x in one rounding (a product by 1 + b would round that factor too)
-            torch._foreach_add_(x, x, alpha=b)
-        if isinstance(a, Tensor):
-            torch._foreach_add_(x, torch._foreach_mul(leaves(updates), a))
-        else:
-            torch._foreach_add_(x, leaves(updates), alpha=a)
+        add_scaled_(x, leaves(updates), a, b)
         return state
 
     return step

@@ -17,6 +17,7 @@ from torch import Tensor
 from gradchain.core import (
     GradientTransformation,
     Tree,
+    add_scaled_,
     as_tree,
     check_choice,
     check_decay,
@@ -165,10 +166,8 @@ def scale_by_sm3(b1: float = 0.0, b2: float = 1.0, eps: float = 1e-30,
                     "parameter, and a shard holds only some of the rows")
         return SM3State(mu=[_cover(x) for x in p], momentum=zeros_like_state(p) if b1 > 0 else None)
 
-    def update(updates: Tree, state: SM3State, params: Tree | None = None, **extras: Any):
-        u = leaves(updates)
-        if not u:
-            return updates, state
+    def checked(u: list[Tensor], state: SM3State) -> list[Tensor | None]:
+        """The momentum buffer of every leaf (None without), after the checks of ``update``."""
         if len(state.mu) != len(u):
             raise ValueError(f"scale_by_sm3 has state for {len(state.mu)} parameters, got "
                              f"{len(u)} updates")
@@ -177,25 +176,69 @@ def scale_by_sm3(b1: float = 0.0, b2: float = 1.0, eps: float = 1e-30,
         if b1 > 0 and state.momentum is None:
             raise ValueError("scale_by_sm3(b1 > 0) was handed a state without momentum buffers "
                              "(initialised with b1 = 0); re-initialise the state")
-        blocked = not torch.compiler.is_compiling()
-        momentum = state.momentum or [None] * len(u)
+        return state.momentum or [None] * len(u)
+
+    def outputs(u: list[Tensor], state: SM3State, momentum: list[Tensor | None],
+                blocked: bool, skip: list[bool]) -> list[Tensor | None]:
+        """The outputs of the leaves not in ``skip`` (None for those)."""
         out: list[Tensor | None] = [None] * len(u)
-        vectors = [i for i, g in enumerate(u) if blocked and rule.batches(g, state.mu[i][0])]
+        vectors = [i for i, g in enumerate(u) if blocked and rule.batches(g, state.mu[i][0])
+                   and not skip[i]]
         for i, o in zip(vectors, rule.vectors([u[i] for i in vectors],
                                               [state.mu[i][0] for i in vectors],
                                               [momentum[i] for i in vectors])):
             out[i] = o
         for i, g in enumerate(u):
-            if out[i] is not None:
+            if out[i] is not None or skip[i]:
                 continue
             if g.layout == torch.sparse_coo:
                 out[i] = rule.sparse(g, state.mu[i][0])
             else:
                 out[i] = rule.dense(g, state.mu[i], momentum[i], blocked and g.device.type == "cpu")
+        return out
+
+    def update(updates: Tree, state: SM3State, params: Tree | None = None, **extras: Any):
+        u = leaves(updates)
+        if not u:
+            return updates, state
+        momentum = checked(u, state)
+        out = outputs(u, state, momentum, not torch.compiler.is_compiling(), [False] * len(u))
         return as_tree(updates, out), state
 
+    def into_params(updates: Tree, state: SM3State, params: Tree, a: float | Tensor,
+                    b: float | Tensor, **extras: Any) -> SM3State:
+        """``update``, then ``x <- x + b·x + a·o``, the same numbers; on CPU in eager mode each
+        block of a dense leaf's output is added while in cache, computed in one scratch block
+        shared by the leaves: no output of the leaf's size is ever allocated."""
+        u, x = leaves(updates), leaves(params)
+        if not u:
+            return state
+        momentum = checked(u, state)
+        blocked = not torch.compiler.is_compiling()
+        fused = [blocked and not isinstance(a, Tensor) and not isinstance(b, Tensor)
+                 and g.layout == torch.strided and g.device.type == "cpu" and g.numel() > 0
+                 and not rule.batches(g, state.mu[i][0]) for i, g in enumerate(u)]
+        scratch: dict[torch.dtype, Tensor] = {}  # one block's nu, for every leaf in turn
+        for i, g in enumerate(u):
+            if fused[i]:
+                rule.dense(g, state.mu[i], momentum[i], True, into=(x[i], a, b, scratch))
+        out = outputs(u, state, momentum, blocked, fused)
+        rest = [i for i in range(len(u)) if not fused[i]]
+        if rest:
+            add_scaled_([x[i] for i in rest], [out[i] for i in rest], a, b)
+        return state
+
     return GradientTransformation(init, update, leafwise=True, elementwise=False,
-                                  accepts_sparse=True)
+                                  accepts_sparse=True, into_params=into_params)
+
+
+def _scratch(cache: dict[torch.dtype, Tensor], size: int, dtype: torch.dtype,
+             device: torch.device) -> Tensor:
+    """A flat buffer of at least ``size`` entries, kept in ``cache`` for the next leaf."""
+    buffer = cache.get(dtype)
+    if buffer is None or buffer.numel() < size or buffer.device != device:
+        buffer = cache[dtype] = torch.empty(size, dtype=dtype, device=device)
+    return buffer
 
 
 class _Rule(NamedTuple):
@@ -215,9 +258,9 @@ class _Rule(NamedTuple):
         else:
             accumulator.copy_(new)
 
-    def _precondition(self, g: Tensor, nu: Tensor, out: Tensor, guard: bool = True,
-                      add_eps: bool = True) -> None:
-        """``out = g / sqrt(nu + eps)``, exactly 0 where ``nu == 0``; overwrites ``nu``.
+    def _root(self, nu: Tensor, guard: bool = True, add_eps: bool = True) -> None:
+        """``nu <- 1 / sqrt(nu + eps)``, exactly 0 where ``nu == 0`` (so that ``g`` times it is
+        ``g / sqrt(nu + eps)`` guarded).
 
         ``guard=False`` when the caller knows that ``nu > 0`` everywhere, ``add_eps=False`` when
         it knows that ``nu + eps == nu`` everywhere."""
@@ -227,7 +270,6 @@ class _Rule(NamedTuple):
         nu.rsqrt_()
         if zero is not None:
             nu.masked_fill_(zero, 0.0)
-        torch.mul(g, nu, out=out)
 
     def _plan(self, mu: tuple[Tensor, ...], step: int, dtype: torch.dtype
               ) -> list[tuple[bool, bool]]:
@@ -292,10 +334,14 @@ class _Rule(NamedTuple):
             torch._foreach_copy_([o for o, x in zip(out, m) if x is not None], buffers)
         return out
 
-    def dense(self, g: Tensor, mu: tuple[Tensor, ...], m: Tensor | None, blocked: bool
-              ) -> Tensor:
+    def dense(self, g: Tensor, mu: tuple[Tensor, ...], m: Tensor | None, blocked: bool,
+              into: tuple[Tensor, float, float, dict[torch.dtype, Tensor]] | None = None
+              ) -> Tensor | None:
         """The output for a dense leaf; updates ``mu`` (and ``m``) in place. ``blocked``: in
-        blocks of rows (CPU, eager), else in one piece (``_whole``)."""
+        blocks of rows (CPU, eager), else in one piece (``_whole``). With ``into = (x, a, b,
+        scratch)`` (blocked only) no output: each block is added to the parameter, ``x <- x +
+        b·x + a·o``, and its nu is computed in the ``scratch`` cache's buffer (``_scratch``).
+        """
         dtype = torch.promote_types(g.dtype, mu[0].dtype)
         if g.numel() == 0:
             return torch.empty(g.shape, dtype=dtype, device=g.device)
@@ -303,27 +349,38 @@ class _Rule(NamedTuple):
             # in-place updates of 0-d float64 inputs are also lost under torch.compile 2.13)
             g, mu = g.reshape(1), (mu[0].reshape(1),)
             m = None if m is None else m.reshape(1)
+            if into is not None:
+                return self.dense(g, mu, m, blocked, (into[0].reshape(1), *into[1:]))
             return self.dense(g, mu, m, blocked).reshape(())
         if not blocked:
             return self._whole(g, mu, m)
-        out = torch.empty(g.shape, dtype=dtype, device=g.device)
         n0, row = g.shape[0], g.numel() // g.shape[0]
         step = min(n0, max(1, BLOCK_ELEMENTS // row))
+        # nu is computed in the output's rows, or, when added to x, in one block's scratch
+        out = torch.empty(g.shape, dtype=dtype, device=g.device) if into is None else \
+            _scratch(into[3], step * row, dtype, g.device)
         # skip the guard and eps where the accumulators show them idle
         plan = self._plan(mu, step, dtype) if g.numel() >= PLAN_ELEMENTS else None
         others: list[Tensor | None] = [None] * (len(mu) - 1)  # new mu^a, a >= 1, over blocks
         for start in range(0, n0, step):
             rows = slice(start, start + step)
             g_rows = g[rows]
-            nu = out[rows]  # each block's nu becomes its output in place
+            nu = out[rows] if into is None else out[:g_rows.numel()].view(g_rows.shape)
             self._rows(g_rows, mu, rows, others, nu)
-            self._precondition(g_rows, nu, nu, *(plan[start // step] if plan else ()))
+            self._root(nu, *(plan[start // step] if plan else ()))
+            o = nu.mul_(g_rows)  # the preconditioned gradient p
             if m is not None:  # m <- b1 m + (1 - b1) p; o = m
-                m[rows].lerp_(out[rows], 1.0 - self.b1)
-                out[rows].copy_(m[rows])
+                o = m[rows].lerp_(nu, 1.0 - self.b1)
+            if into is not None:
+                x_rows, a, b = into[0][rows], into[1], into[2]
+                if b != 0:
+                    x_rows.add_(x_rows, alpha=b)
+                x_rows.add_(o, alpha=a)
+            elif m is not None:
+                nu.copy_(o)
         for accumulator, new in zip(mu[1:], others):
             self._assign(accumulator, new)
-        return out
+        return out if into is None else None
 
     def _whole(self, g: Tensor, mu: tuple[Tensor, ...], m: Tensor | None) -> Tensor:
         """``dense`` in one piece, as plain functions of the inputs: under ``torch.compile``
@@ -384,7 +441,7 @@ class _Rule(NamedTuple):
         if self.running_max:
             new = torch.maximum(previous, new)
         mu0.index_copy_(0, rows, new.to(mu0.dtype))
-        out = torch.empty_like(nu)
-        self._precondition(values, nu, out)
+        self._root(nu)
+        out = nu.mul_(values)
         return torch.sparse_coo_tensor(index, out, g.shape, is_coalesced=True,
                                        check_invariants=False)

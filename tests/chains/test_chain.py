@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from gradchain.chains import chain, masked, named_chain, partition
-from gradchain.core import EmptyState, GradientTransformation, apply_updates, leaves
+from gradchain.core import EmptyState, GradientTransformation, add_scaled_, apply_updates, leaves
+from gradchain.transforms import sm3 as sm3_module
 from gradchain.transforms import (
     add_decayed_weights,
     clip,
@@ -19,6 +20,7 @@ from gradchain.transforms import (
     scale_by_adam,
     scale_by_learning_rate,
     scale_by_sign,
+    scale_by_sm3,
     trace,
 )
 from chain_helpers import clone as _clone, grads as _grads, params as _params
@@ -406,6 +408,51 @@ def test_unscaled_decay_without_params_names_the_fix():
     tx = chain(scale_by_adam(), add_decayed_weights(0.1), scale(-0.1))
     with pytest.raises(ValueError, match="needs the parameters"):
         tx.unscaled(_grads(0), tx.init(_params()))
+
+
+# ---------------------------------------------------------------------------------------------
+# into_params: the chain adding its updates to the parameters itself (SM3's member), the same
+# numbers as unscaled followed by x <- x + b x + a u
+
+
+@pytest.mark.parametrize("make", [
+    lambda: chain(scale_by_sm3(), scale_by_learning_rate(0.1)),
+    lambda: chain(scale_by_sm3(b1=0.5), add_decayed_weights(0.1),
+                  scale_by_learning_rate(_decaying)),
+    lambda: chain(scale(2.0), scale_by_sm3(eps=0.0), scale(-0.1)),
+    lambda: named_chain(("clip", clip(1.0)),
+                        ("inner", chain(scale_by_sm3(b2=0.9), add_decayed_weights(0.2),
+                                        scale(-3.0)))),
+    lambda: chain(scale_by_sm3()),
+], ids=["lr", "momentum-decay-schedule", "member-before", "nested", "no-tail"])
+@pytest.mark.parametrize("a, b", [(1.0, 0.0), (-0.5, 0.1), (torch.tensor(-0.5), torch.tensor(0.1))])
+def test_into_params_adds_the_update_with_the_same_numbers_and_state(monkeypatch, make, a, b):
+    monkeypatch.setattr(sm3_module, "BLOCK_ELEMENTS", 2)  # blocks of one row
+    tx = make()
+    x_a, x_b = _params(), _params()
+    state_a, state_b = tx.init(x_a), tx.init(x_b)
+    for step in range(4):  # the reference: what an optimizer does with unscaled
+        if tx.unscaled is None:
+            out, state_a = tx.update(_grads(step), state_a, x_a)
+            add_scaled_(leaves(x_a), leaves(out), a, b)
+        else:
+            out, state_a, tail_a, tail_b = tx.unscaled(_grads(step), state_a, x_a)
+            add_scaled_(leaves(x_a), leaves(out), a * tail_a, a * tail_b + b)
+        state_b = tx.into_params(_grads(step), state_b, x_b, a, b)
+        _assert_tree_equal(x_a, x_b)
+        for s_a, s_b in zip(_state_tensors(state_a), _state_tensors(state_b)):
+            assert torch.equal(s_a, s_b)
+    assert str(state_a) == str(state_b)  # counts too
+
+
+def test_into_params_is_offered_where_the_last_member_before_the_affine_tail_has_it():
+    assert chain(scale_by_sm3(), add_decayed_weights(0.1), scale(-0.1)).into_params is not None
+    assert chain(chain(scale_by_sm3()), scale(-0.1)).into_params is not None
+    assert chain(scale_by_sm3(), scale_by_sign()).into_params is None
+    assert chain(scale_by_sm3(), add_decayed_weights(0.1, mask=["w"]), scale(-0.1)).into_params \
+        is None  # a masked decay is a member, not part of the tail
+    assert chain(scale_by_adam(), scale(-0.1)).into_params is None
+    assert chain(scale(2.0)).into_params is None and chain().into_params is None
 
 
 def test_named_chain_state_is_keyed_by_member_names_in_order():

@@ -243,6 +243,25 @@ def test_state_of_a_gpt_sized_model_is_far_below_one_percent_of_adamw():
     assert sm3_numel == sum(sum(s) for s in shapes)
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_an_eager_step_allocates_no_tensor_of_the_parameters_size(monkeypatch, momentum):
+    # the update is added to the parameter block by block from one scratch block: the largest
+    # allocation is a block of rows, not the 64 KiB parameter (nor its output, as a chain's
+    # update followed by an addition would allocate)
+    from torch.profiler import profile
+
+    from gradchain.transforms import sm3 as sm3_module
+    monkeypatch.setattr(sm3_module, "BLOCK_ELEMENTS", 1024)
+    p = nn.Parameter(torch.randn(128, 128))
+    p.grad = torch.randn_like(p)
+    optimizer = SM3([p], lr=0.1, momentum=momentum)
+    optimizer.step()
+    with profile(profile_memory=True) as profiler:
+        optimizer.step()
+    largest = max(event.cpu_memory_usage for event in profiler.events())
+    assert 1024 * 4 <= largest < p.numel() * 4 // 4
+
+
 def test_save_load_continue_is_bit_identical():
     grads = _gradients(12)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from gradchain.core import flatten_state, leaves
+from gradchain.core import add_scaled_, flatten_state, leaves
 from gradchain.transforms import sm3 as sm3_module
 from gradchain.transforms.sm3 import SM3State, scale_by_sm3
 
@@ -341,6 +341,37 @@ def test_small_vectors_together_give_bitwise_the_per_leaf_result(monkeypatch):
             assert all(torch.equal(x, y) for x, y in zip(a, b))
         if b1:
             assert all(torch.equal(x, y) for x, y in zip(together[1].momentum, alone[1].momentum))
+
+
+@pytest.mark.parametrize("b1, b2, eps, rule", [(0.0, 1.0, 1e-30, "assign"),
+                                             (0.5, 0.9, 0.0, "assign"),
+                                             (0.3, 0.8, 1e-3, "running_max")])
+def test_into_params_adds_the_outputs_with_the_same_numbers(monkeypatch, b1, b2, eps, rule):
+    # every kind of leaf: blocked matrices and a 3-d tensor (blocks of 2 rows), a long vector
+    # (blocked), small vectors and a scalar (foreach, or one leaf each with eps = 0), an empty
+    # leaf and row-sparse gradients; x <- x + b x + a o against update() and that addition
+    monkeypatch.setattr(sm3_module, "BLOCK_ELEMENTS", 8)
+    monkeypatch.setattr(sm3_module, "PLAN_ELEMENTS", 20)
+    shapes = [(9, 4), (5, 3, 2), (40,), (7,), (), (0, 3), (6, 3)]
+    grads = [list(gs) for gs in zip(*(random_grads(s, 4, seed=40 + k, zeros=0.2)
+                                      for k, s in enumerate(shapes)))]
+    for t, step in enumerate(grads):
+        step[-1] = sparse_rows([t % 6, 5, 2], torch.randn(3, 3, dtype=F64), (6, 3))
+    for a, b in [(-0.1, 0.0), (-0.1, -0.01)]:
+        tx = scale_by_sm3(b1=b1, b2=b2, eps=eps, ema_accumulator_rule=rule)
+        x_a = [torch.randn(s, dtype=F64, generator=torch.Generator().manual_seed(k))
+               for k, s in enumerate(shapes)]
+        x_b = [x.clone() for x in x_a]
+        state_a, state_b = tx.init(x_a), tx.init(x_b)
+        for step in grads:
+            out, state_a = tx.update(step, state_a, x_a)
+            add_scaled_(x_a, out, a, b)
+            state_b = tx.into_params(step, state_b, x_b, a, b)
+            assert all(torch.equal(p, q) for p, q in zip(x_a, x_b))
+        for m_a, m_b in zip(state_a.mu, state_b.mu):
+            assert all(torch.equal(p, q) for p, q in zip(m_a, m_b))
+        if b1:
+            assert all(torch.equal(p, q) for p, q in zip(state_a.momentum, state_b.momentum))
 
 
 # ---------------------------------------------------------------------------------------------
