@@ -547,6 +547,23 @@ class ChainOptimizer(torch.optim.Optimizer):
         """The transform state of parameter group ``index`` (None before its first step)."""
         return self._group_states[index]
 
+    # ------------------------------------------------------------------------------------------
+    # Copies
+
+    def __getstate__(self) -> dict[str, Any]:
+        """All of the optimizer but its built chains (and compiled steps), which the next step
+        builds again: ``copy.deepcopy`` and pickling (``torch.save(optimizer)``) then work as for
+        torch's optimizers, and a copy never shares a compiled step, nor the learning-rate
+        tensor that step reads, with the original. (An optimizer of a built transform pickles
+        only if the transform's functions do; a recipe's optimizer pickles.)"""
+        state = dict(self.__dict__)
+        state["_built"] = [None] * len(self._built)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._refresh_state_view()
+
 
 def _make_step(tx: GradientTransformation, apply: bool = True, lend: bool = False
                ) -> Callable[..., Any]:

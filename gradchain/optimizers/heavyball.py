@@ -44,15 +44,17 @@ def _first(beta: float, betas: PaLMBetas) -> float:
 # Recipes in HeavyBall's keywords
 
 
-def _with_betas(recipe: Any) -> Any:
-    """An Adam-like recipe in HeavyBall's keywords (``betas`` as a pair)."""
+class _WithBetas:
+    """An Adam-like recipe in HeavyBall's keywords (``betas`` as a pair); an object rather
+    than a closure, so that the optimizer pickles."""
 
-    def build(lr: float, betas: Betas, eps: float, weight_decay: float, warmup_steps: int
-              ) -> GradientTransformation:
-        return recipe(lr, betas[0], betas[1], eps, weight_decay, warmup_steps)
+    def __init__(self, recipe: Any) -> None:
+        self.recipe = recipe
+        self.__name__ = recipe.__name__
 
-    build.__name__ = recipe.__name__
-    return build
+    def __call__(self, lr: float, betas: Betas, eps: float, weight_decay: float,
+                 warmup_steps: int) -> GradientTransformation:
+        return self.recipe(lr, betas[0], betas[1], eps, weight_decay, warmup_steps)
 
 
 def _sfadamw(lr: float, betas: Betas, eps: float, weight_decay: float, warmup_steps: int,
@@ -187,7 +189,7 @@ class _AdamLike(ChainOptimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0, warmup_steps: int = 0, *,
                  stochastic_rounding: bool = True,
                  **options: Unpack[AdapterOptions]) -> None:
-        super().__init__(params, _with_betas(self._recipe_of), **options,
+        super().__init__(params, _WithBetas(self._recipe_of), **options,
                          stochastic_rounding=stochastic_rounding, lr=lr, betas=betas,
                          eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps)
 

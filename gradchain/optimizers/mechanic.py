@@ -49,7 +49,18 @@ class Mechanized:
     """
 
     _rule: MechanicRule
+    _mechanize: tuple[type[torch.optim.Optimizer], dict[str, Any]]  # mechanize's arguments
     _mechanic_state: MechanicState | None = None  # over all parameters, in param-group order
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The base's state for copies and pickles, and Mechanic's (torch's optimizers keep only
+        their defaults, state and groups)."""
+        return {**super().__getstate__(), "_mechanic_state": self._mechanic_state}
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        """Copies and pickles rebuild the class with ``mechanize``'s arguments: it is made at run
+        time, so pickle cannot find it by name."""
+        return _new_mechanized, self._mechanize, self.__getstate__()
 
     @property
     def scale(self) -> float | None:
@@ -220,7 +231,8 @@ def mechanize(optimizer_class: type[torch.optim.Optimizer], *, s_decay: float = 
     parameter's where it is not contiguous, or a DTensor).
 
     The class is named ``"Mechanized" + optimizer_class.__name__`` and is also an instance of
-    ``Mechanized``.
+    ``Mechanized``; the same arguments give the same class. Its instances copy
+    (``copy.deepcopy``) and pickle with Mechanic's state.
 
     Example:
         >>> model = torch.nn.Linear(4, 1)
@@ -236,13 +248,32 @@ def mechanize(optimizer_class: type[torch.optim.Optimizer], *, s_decay: float = 
     if issubclass(optimizer_class, Mechanized):
         raise ValueError(f"{optimizer_class.__name__} is already mechanized: Mechanic must "
                          "wrap a base optimizer, not another Mechanic")
-    rule = mechanic_rule(s_decay, betas, s_init, eps, store_delta, variant)
+    options = dict(s_decay=s_decay, betas=betas, s_init=s_init, eps=eps,
+                   store_delta=store_delta, variant=variant)
+    mechanic_rule(**options)  # checks them
+    return _mechanized_class(optimizer_class, tuple({**options, "betas": tuple(betas)}.items()))
+
+
+@functools.lru_cache(maxsize=None)
+def _mechanized_class(optimizer_class: type[torch.optim.Optimizer],
+                      options: tuple[tuple[str, Any], ...]) -> type:
+    """The class of ``mechanize(optimizer_class, **dict(options))``, one per arguments (so that
+    copies of an optimizer share its class)."""
+    rule = mechanic_rule(**dict(options))
     name = f"Mechanized{optimizer_class.__name__}"
+    variant = dict(options)["variant"]
     doc = (f"``{optimizer_class.__name__}`` under Mechanic's learned scale "
            f"(``gradchain.optimizers.mechanic.mechanize``, variant {variant!r}).")
     return type(name, (Mechanized, optimizer_class),
-                {"_rule": rule, "__doc__": doc, "__module__": __name__,
-                 "__qualname__": name})
+                {"_rule": rule, "_mechanize": (optimizer_class, dict(options)), "__doc__": doc,
+                 "__module__": __name__, "__qualname__": name})
+
+
+def _new_mechanized(optimizer_class: type[torch.optim.Optimizer], options: dict[str, Any]
+                    ) -> Mechanized:
+    """An uninitialised instance of ``mechanize(optimizer_class, **options)``, for copies."""
+    cls = mechanize(optimizer_class, **options)
+    return cls.__new__(cls)
 
 
 #: Elements per piece of the per-parameter passes below: the temporaries of a piece stay in

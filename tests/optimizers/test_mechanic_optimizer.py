@@ -17,7 +17,7 @@ from gradchain.core import apply_updates
 from gradchain.optimizers import ESGD, SOAP, AdamW, ChainOptimizer
 from gradchain.optimizers.mechanic import Mechanized, mechanize
 from gradchain.transforms import scale_by_learning_rate
-from gradchain.transforms.mechanic import mechanic_scale
+from gradchain.transforms.mechanic import DEFAULT_BETAS, mechanic_scale
 
 X = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
 Y = X @ torch.randn(8, 1, generator=torch.Generator().manual_seed(1)) \
@@ -293,6 +293,11 @@ def test_bfloat16_parameters_keep_float32_scalars_and_train_with_store_delta():
     assert state.s.dtype == torch.float32 and state.x_ref[0].dtype == torch.float32
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_the_same_arguments_give_the_same_class_and_others_another():
+    assert mechanize(torch.optim.SGD) is mechanize(torch.optim.SGD, betas=list(DEFAULT_BETAS))
+    assert mechanize(torch.optim.SGD, s_decay=0.0) is not mechanize(torch.optim.SGD)
 
 
 def test_mechanize_refuses_what_it_cannot_wrap():
