@@ -345,12 +345,15 @@ class ChainOptimizer(torch.optim.Optimizer):
         """
         return self._step(closure, param_extras)
 
+    @torch.compiler.disable
     @torch.no_grad()
     def _step(self, closure: Callable[[], Any] | None,
               param_extras: Mapping[str, Sequence[Tensor | None]] | None) -> Any:
         """The body of ``step``. A subclass that extends ``step``'s signature calls this rather
         than ``super().step``, so that torch's step hooks (wrapped around every class's own
-        ``step``) run once."""
+        ``step``) run once. Outside ``torch.compile`` (``torch.compile(optimizer.step)``, or a
+        compiled training step, runs it as it is, between graphs): ``compile=True`` compiles
+        the chain's own graph."""
         per_group = self._split_param_extras(param_extras or {})
         curvature = [self._group_needs_hvp(i) for i in range(len(self.param_groups))]
         loss = None

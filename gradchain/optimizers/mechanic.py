@@ -68,6 +68,7 @@ class Mechanized:
         state = self._mechanic_state
         return None if state is None else mechanic_scale_value(state)
 
+    @torch.compiler.disable
     def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
         """The base optimizer's step, then Mechanic's rescaling of the displacement.
 
@@ -75,6 +76,8 @@ class Mechanized:
         double-backward graph when the base's ``needs_hvp()`` says so); the base receives a
         closure that returns that loss on its first call and evaluates again afterwards.
         Other keyword arguments go to the base step. Returns what the base step returns.
+        Outside ``torch.compile``, as gradchain's optimizers: a compiled caller runs it as it
+        is (a gradchain base with ``compile=True`` compiles its own graph).
         """
         loss_closure = None if closure is None else self._evaluated_once(closure)
         params = self._all_params()

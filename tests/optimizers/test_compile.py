@@ -1,13 +1,14 @@
 """``compile=True`` on every named optimizer: the compiled steps follow the eager trajectory,
 and once every code path of a recipe has compiled, a learning rate that changes at every step
-(an LR scheduler) triggers no recompilation."""
+(an LR scheduler) triggers no recompilation. Under a user's ``torch.compile`` (of
+``optimizer.step``, or of a whole training step) every optimizer runs its step as it is."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch._dynamo
-from recipes import ALL, make, step
+from recipes import ALL, VALIDATED, make, step
 from torch._dynamo.utils import counters
 
 from gradchain.optimizers import AdamW
@@ -92,3 +93,49 @@ def test_a_negative_compiled_learning_rate_is_refused():
     optimizer.param_groups[0]["lr"] = -1.0
     with pytest.raises(ValueError, match="lr"):
         step("adamw", optimizer, loss_fn)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_torch_compile_of_the_step_runs_it_as_it_is(name):
+    # torch's way of compiling an optimizer, torch.compile(optimizer.step): ours leave the
+    # frame to eager mode (their own graph is compile=True), with the same numbers
+    torch._dynamo.reset()
+    results = []
+    for wrap in (torch.compile, lambda f: f):
+        params, loss = problem()
+        optimizer = make(name, params)
+        optimizer_step = wrap(optimizer.step)
+
+        def closure():
+            optimizer.zero_grad()
+            value = loss()
+            value.backward()
+            return value
+
+        for _ in range(3):
+            optimizer_step(closure, **({"val_closure": loss} if name in VALIDATED else {}))
+        results.append([p.detach().clone() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_compiled_training_step_with_the_optimizer_inside(compile):
+    torch._dynamo.reset()
+    results = []
+    for wrap in (torch.compile, lambda f: f):
+        params, loss = problem()
+        optimizer = AdamW(params, lr=0.1, compile=compile)
+
+        def train_step():
+            value = loss()
+            value.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            return value
+
+        train_step = wrap(train_step)
+        for _ in range(3):
+            train_step()
+        results.append([p.detach().clone() for p in params])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
