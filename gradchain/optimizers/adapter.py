@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import sys
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -207,6 +208,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._group_states: list[Any] = []
         self._group_steps: list[int] = []
         self._built: list[tuple[Any, GradientTransformation, Callable | None] | None] = []
+        self._recompiles = 0  # rebuilds of compiled chains after a hyperparameter changed
         super().__init__(params, defaults)
         # every parameter has an entry from the start, so torch.distributed.checkpoint reads
         # state_dict() (which holds the initial state) instead of creating the state with a
@@ -268,6 +270,8 @@ class ChainOptimizer(torch.optim.Optimizer):
         cached = self._built[index]
         if cached is not None and cached[0] == key:
             return cached[1], cached[2]
+        if cached is not None and self._compile:
+            self._note_recompile(dict(cached[0] or ()), hyperparameters)
         lr = self._lr_tensors[index]
         tx = self._build({**hyperparameters, rate: lambda count: lr} if tensor_lr
                          else hyperparameters)
@@ -275,6 +279,19 @@ class ChainOptimizer(torch.optim.Optimizer):
                                  options=COMPILE_OPTIONS) if self._compile else None
         self._built[index] = (key, tx, compiled)
         return tx, compiled
+
+    def _note_recompile(self, before: dict[str, Any], now: dict[str, Any]) -> None:
+        """Warns once, at a compiled chain's second rebuild: each one compiles the step anew."""
+        self._recompiles += 1
+        if self._recompiles != 2:
+            return
+        names = {argument: key for key, argument in self._arguments.items()}
+        changed = sorted(names.get(a, a) for a in now if before.get(a) != now[a])
+        warnings.warn(f"compile=True: hyperparameters {changed} changed again, and each change "
+                      "compiles the step anew (only the learning rate is a tensor in the "
+                      "graph). A scheduler that cycles momentum (OneCycleLR or CyclicLR with "
+                      "cycle_momentum=True) changes them at every step: turn that off, or use "
+                      "compile=False", UserWarning, stacklevel=_caller_level())
 
     def _lr_as_tensor(self, index: int, learning_rate: Any) -> bool:
         """Whether the group's compiled chain reads its learning rate from a tensor (then set
@@ -372,7 +389,8 @@ class ChainOptimizer(torch.optim.Optimizer):
             if self._skip_nonfinite and not _finite_gradients(self.param_groups):
                 self.skipped_steps += 1
                 warnings.warn("a gradient holds NaN or infinity: optimizer step skipped, "
-                              "parameters and state unchanged", RuntimeWarning, stacklevel=3)
+                              "parameters and state unchanged", RuntimeWarning,
+                              stacklevel=_caller_level())
                 return loss
             for index, group in enumerate(self.param_groups):
                 self._step_group(index, group, loss, curvature[index], per_group[index])
@@ -691,6 +709,16 @@ def _value(hyperparameter: Any, step: int) -> Any:
     if hasattr(hyperparameter, "product"):
         return hyperparameter
     return resolve(hyperparameter, step)
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of a warning about a step that points at the code that called it: the
+    first frame outside gradchain and torch (their wrappers of ``step`` vary in depth)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in (
+            "gradchain", "torch"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _is_number(value: Any) -> bool:

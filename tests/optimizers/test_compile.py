@@ -5,6 +5,8 @@ and once every code path of a recipe has compiled, a learning rate that changes 
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch._dynamo
@@ -139,3 +141,23 @@ def test_a_compiled_training_step_with_the_optimizer_inside(compile):
         results.append([p.detach().clone() for p in params])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_scheduler_that_cycles_momentum_is_warned_about_once_and_the_lr_alone_is_not():
+    torch._dynamo.reset()
+    for cycle_momentum in (True, False):
+        params, loss = problem()
+        optimizer = AdamW(params, lr=0.1, compile=True)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=20,
+                                                        cycle_momentum=cycle_momentum)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):  # the second change of betas is at the third step
+                optimizer.zero_grad()
+                loss().backward()
+                optimizer.step()
+                scheduler.step()
+        messages = [str(w.message) for w in caught if "compiles the step anew" in str(w.message)]
+        assert len(messages) == (1 if cycle_momentum else 0)
+        assert all("['betas']" in m and "cycle_momentum" in m for m in messages)
+        assert all(w.filename == __file__ for w in caught if "compiles the step" in str(w.message))
