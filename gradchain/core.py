@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol, Union
 
@@ -564,6 +565,19 @@ def lerp_(buffers: list[Tensor], targets: list[Tensor], weight: float | Tensor) 
             b.lerp_(x, w.to(b.dtype))
         return
     torch._foreach_lerp_(buffers, targets, [weight] * len(buffers))
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` for a warning to point at the code that called into gradchain: the
+    first frame outside gradchain and torch, whatever wraps the call (torch's step hooks,
+    ``torch.compiler.disable``, chains). Under ``torch.compile``: 2."""
+    if torch.compiler.is_compiling():
+        return 2
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in (
+            "gradchain", "torch"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def resolve(value: Hyper, count: int) -> float:

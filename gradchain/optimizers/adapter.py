@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import sys
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -18,6 +17,7 @@ from typing_extensions import TypedDict
 
 from gradchain.core import (
     GradientTransformation,
+    _caller_stacklevel,
     add_scaled_,
     all_finite,
     apply_updates,
@@ -291,7 +291,7 @@ class ChainOptimizer(torch.optim.Optimizer):
                       "compiles the step anew (only the learning rate is a tensor in the "
                       "graph). A scheduler that cycles momentum (OneCycleLR or CyclicLR with "
                       "cycle_momentum=True) changes them at every step: turn that off, or use "
-                      "compile=False", UserWarning, stacklevel=_caller_level())
+                      "compile=False", UserWarning, stacklevel=_caller_stacklevel())
 
     def _lr_as_tensor(self, index: int, learning_rate: Any) -> bool:
         """Whether the group's compiled chain reads its learning rate from a tensor (then set
@@ -390,7 +390,7 @@ class ChainOptimizer(torch.optim.Optimizer):
                 self.skipped_steps += 1
                 warnings.warn("a gradient holds NaN or infinity: optimizer step skipped, "
                               "parameters and state unchanged", RuntimeWarning,
-                              stacklevel=_caller_level())
+                              stacklevel=_caller_stacklevel())
                 return loss
             for index, group in enumerate(self.param_groups):
                 self._step_group(index, group, loss, curvature[index], per_group[index])
@@ -709,16 +709,6 @@ def _value(hyperparameter: Any, step: int) -> Any:
     if hasattr(hyperparameter, "product"):
         return hyperparameter
     return resolve(hyperparameter, step)
-
-
-def _caller_level() -> int:
-    """The ``stacklevel`` of a warning about a step that points at the code that called it: the
-    first frame outside gradchain and torch (their wrappers of ``step`` vary in depth)."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in (
-            "gradchain", "torch"):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def _is_number(value: Any) -> bool:

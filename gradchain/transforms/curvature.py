@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from gradchain.core import (
+    _caller_stacklevel,
     GradientTransformation,
     Tree,
     all_finite,
@@ -175,7 +176,8 @@ def scale_by_abs_hessian_diag(b2: float = 0.999, eps: float = 1e-4, update_d_eve
                 warnings.warn(
                     f"scale_by_abs_hessian_diag: the Hessian-vector product of step {t} has "
                     "non-finite entries; that curvature estimate is skipped (the previous one "
-                    "is kept). Later skips are not reported.", RuntimeWarning, stacklevel=2)
+                    "is kept). Later skips are not reported.", RuntimeWarning,
+                    stacklevel=_caller_stacklevel())
         if k == 0:  # no curvature estimate yet
             out = [torch.zeros_like(x) for x in u]
         else:

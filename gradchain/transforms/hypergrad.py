@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from gradchain.core import (
+    _caller_stacklevel,
     EmptyState,
     GradientTransformation,
     Tree,
@@ -236,7 +237,7 @@ def _like(source: list[Tensor], like: list[Tensor]) -> list[Tensor]:
 
 def _warn(message: str) -> None:
     """One fixed text per event, so Python's default filter shows it once, not every step."""
-    warnings.warn(f"{_NAME}: {message}", RuntimeWarning, stacklevel=2)
+    warnings.warn(f"{_NAME}: {message}", RuntimeWarning, stacklevel=_caller_stacklevel())
 
 
 def _descend_lr(lr: float, hyper_lr: float, hypergrad: float, min_lr: float | None) -> float:

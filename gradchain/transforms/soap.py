@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from gradchain.core import (
+    _caller_stacklevel,
     GradientTransformation,
     Hyper,
     Tree,
@@ -283,7 +284,7 @@ def _refresh(grams: Matrices, basis: Matrices, nu: Tensor, mu: Tensor | None) ->
         # transpose without the copy into column-major order that a row-major matrix needs
         if not bool(power_t.sum().isfinite()):  # a NaN or an infinity (or a sum that overflows)
             warnings.warn("soap_precondition: a Gram matrix is not finite (overflow?); keeping "
-                          "its eigenbasis", RuntimeWarning, stacklevel=4)
+                          "its eigenbasis", RuntimeWarning, stacklevel=_caller_stacklevel())
             fresh.append(None)
             continue
         order = torch.argsort(torch.linalg.vecdot(q.T, power_t), descending=True)
@@ -450,7 +451,7 @@ def soap_precondition(b1: Hyper = 0.9, b2: Hyper = 0.95, shampoo_beta: Hyper | N
                 if vectors is None:
                     warnings.warn("soap_precondition: torch.linalg.eigh failed (also in float64); "
                                   "keeping the identity basis until the next refresh",
-                                  RuntimeWarning, stacklevel=3)
+                                  RuntimeWarning, stacklevel=_caller_stacklevel())
                 else:
                     q.copy_(vectors)
 
@@ -513,7 +514,7 @@ def soap_precondition(b1: Hyper = 0.9, b2: Hyper = 0.95, shampoo_beta: Hyper | N
             if strict:
                 raise FloatingPointError("soap_precondition: non-finite gradient")
             warnings.warn("soap_precondition: non-finite gradient, step skipped", RuntimeWarning,
-                          stacklevel=2)
+                          stacklevel=_caller_stacklevel())
             return as_tree(updates, _zeros(u, state)), state
         k = state.count
         if k == 0:

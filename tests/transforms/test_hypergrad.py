@@ -519,8 +519,9 @@ def test_a_hyper_step_to_a_non_positive_lr_is_clamped_with_a_warning(mode, min_l
         g1, g2 = torch.ones(1, dtype=F64), torch.ones(1, dtype=F64)
         extras = {"val_grads": [-torch.ones(1, dtype=F64)]}
     _, state = tx.update([g1], tx.init(x), x)
-    with pytest.warns(RuntimeWarning, match="clamped"):
+    with pytest.warns(RuntimeWarning, match="clamped") as caught:
         out, state = tx.update([g2], state, x, **extras)
+    assert caught[0].filename == __file__  # the caller's line, not the library's
     floor = min_lr if min_lr is not None else LR_FLOOR_FACTOR * 0.1
     assert hypergrad_lr_value(state) == pytest.approx(floor, rel=1e-15)
     assert out[0].item() == pytest.approx(-floor * g2.item(), rel=1e-15)  # never ascent

@@ -507,8 +507,9 @@ def test_eigh_failing_everywhere_keeps_the_identity_basis_with_a_warning(monkeyp
     grads = gradients((5, 4), 4, seed=22, dtype=torch.float32)
     tx = soap_precondition(precondition_frequency=100)
     state = tx.init([torch.zeros(5, 4)])
-    with pytest.warns(RuntimeWarning, match="eigh"):
+    with pytest.warns(RuntimeWarning, match="eigh") as caught:
         _, state = tx.update([grads[0]], state)
+    assert caught[0].filename == __file__  # the caller's line, not the library's
     assert all(torch.equal(q, torch.eye(q.shape[0])) for q in state.basis[0])
     for g in grads[1:]:
         (out,), state = tx.update([g], state)
@@ -524,8 +525,9 @@ def test_non_finite_gradient_skips_the_step_or_raises_when_strict(count):
         [q.clone() for q in state.gram[0] + state.basis[0]]
     bad = grads[-1].clone()
     bad[1, 2] = math.nan
-    with pytest.warns(RuntimeWarning, match="non-finite"):
+    with pytest.warns(RuntimeWarning, match="non-finite") as caught:
         (out,), after = tx.update([bad], state)
+    assert caught[0].filename == __file__
     assert torch.equal(out, torch.zeros(4, 3, dtype=F64))
     assert after.count == count
     now = [t for t in after.nu + after.mu if t is not None] + list(after.gram[0] + after.basis[0])
@@ -640,8 +642,9 @@ def test_a_gram_that_overflowed_keeps_its_basis_and_never_reaches_the_update():
         _, state = tx.update([torch.randn(5, 3)], state, params)
     state.gram[0][0].fill_(math.inf)
     left, right = (q.clone() for q in state.basis[0])
-    with pytest.warns(RuntimeWarning, match="not finite"):
+    with pytest.warns(RuntimeWarning, match="not finite") as caught:
         out, state = tx.update([torch.randn(5, 3)], state, params)
+    assert caught[0].filename == __file__
     assert torch.equal(state.basis[0][0], left)
     assert not torch.equal(state.basis[0][1], right)  # the finite axis is refreshed
     assert out[0].isfinite().all() and state.mu[0].isfinite().all()
