@@ -25,7 +25,6 @@ from gradchain.transforms.mechanic import (
     DEFAULT_BETAS,
     MechanicRule,
     MechanicState,
-    _norm,
     mechanic_rule,
     mechanic_scale_value,
 )
@@ -95,22 +94,24 @@ class Mechanized:
                 return self._base_step()(loss_closure, **kwargs)  # it skips, and so do we
             if part.count == 0:
                 torch._foreach_copy_(local_shards(part.x_ref), local_shards(x, part.x_ref))
-            x_before = [p.to(state_dtype(p), copy=True) for p in x]
-            # the sums that read the gradient, taken before the base step (which may change
-            # .grad in place): <g, shift> and |g|, shift = x - x_ref (or the stored delta);
-            # the optax variant's decay term reads x_t too
-            optax_point = [x_before] if rule.s_decay and rule.optax else []
-            g_shift, *point_shift = _shift_products(rule, part, [g, *optax_point], x_before)
-            g_norm = _norm(g, part.s) if rule.s_decay else None
+            # one pass before the base step (which may change .grad in place): the copy
+            # x_before and the sums that read the gradient, <g, shift> and |g|^2, shift = x -
+            # x_ref (or the stored delta); the optax variant's decay term reads x_t too
+            x_before = [torch.empty_like(p, dtype=state_dtype(p)) for p in x]
+            vectors = [g, x] if rule.s_decay and rule.optax else [g]
+            g_shift, *sums = _sums(rule, part, x, vectors, vectors if rule.s_decay else [],
+                                   copy=x_before)
         result = self._base_step()(loss_closure, **kwargs)
         with torch.no_grad():
             x_after = [params[i] for i in active]
             decay_terms = None
             if rule.s_decay:
-                point = x_before if rule.optax else x_after  # mechanic_pytorch's x_t + u_t
-                if not rule.optax:
-                    point_shift = _shift_products(rule, part, [x_after], x_before)
-                decay_terms = (g_norm, _norm(point, part.s), point_shift[0])
+                if rule.optax:  # <x_t, shift>, |g|^2, |x_t|^2
+                    decay_terms = (sums[1].sqrt(), sums[2].sqrt(), sums[0])
+                else:  # mechanic_pytorch's point is x_t + u_t
+                    point_shift, point_square = _sums(rule, part, x_before, [x_after],
+                                                      [x_after])
+                    decay_terms = (sums[0].sqrt(), point_square.sqrt(), point_shift)
             new = rule.tune(part, rule.hypergradient(part, g_shift, decay_terms))
             _write_scaled(rule, part, new, x_before, x_after)
             self._mechanic_state = merge_state(state, new, active)
@@ -308,27 +309,35 @@ def _temporary(scratch: dict[tuple[Any, ...], Tensor], like: Tensor, slot: int
     return buffer[:like.numel()]
 
 
-def _shift_products(rule: MechanicRule, state: MechanicState, vectors: list[list[Tensor]],
-                    x: list[Tensor]) -> list[Tensor]:
-    r""":math:`\langle a, \text{shift}\rangle` for every list a of ``vectors``, with shift =
-    x - x_ref formed piece by piece (or the stored delta), in the scalars' dtype; over
-    DTensors, from their local shards and one collective per sum."""
-    sums: list[list[Tensor]] = [[] for _ in vectors]
+def _sums(rule: MechanicRule, state: MechanicState, x: list[Tensor],
+          products: list[list[Tensor]], squares: list[list[Tensor]],
+          copy: list[Tensor] | None = None) -> list[Tensor]:
+    r"""In one pass over the parameters ``x``, piece by piece: :math:`\langle a,
+    \text{shift}\rangle` for every list a of ``products``, then :math:`|a|^2` for every list
+    a of ``squares``, in the scalars' dtype, over all shards (shift = x - x_ref, formed piece
+    by piece, or the stored delta); with ``copy``, x is copied into it on the way."""
     like = state.s
+    columns: list[list[Tensor]] = [[] for _ in range(len(products) + len(squares))]
     scratch: dict[tuple[Any, ...], Tensor] = {}
-    for i, (xi, ref) in enumerate(zip(x, state.x_ref)):
-        source = [state.delta[i]] if rule.store_delta else [xi, ref]
-        tensors = [local_shard(t, xi) for t in (*source, *(a[i] for a in vectors))]
-        totals = [like.new_zeros(()) for _ in vectors]
-        for piece in _pieces(tensors):
-            shift = piece[0] if rule.store_delta else \
-                torch.sub(piece[0], piece[1], out=_temporary(scratch, piece[0], 0))
+    for i, xi in enumerate(x):
+        reference = state.delta[i] if rule.store_delta else state.x_ref[i]
+        tensors = [local_shard(t, xi) for t in (xi, reference, *([copy[i]] if copy else []),
+                                                *(a[i] for a in products + squares))]
+        totals = [like.new_zeros(()) for _ in columns]
+        for x_piece, reference_piece, *rest in _pieces(tensors):
+            if copy:
+                rest.pop(0).copy_(x_piece)
+            shift = reference_piece if rule.store_delta else torch.sub(
+                x_piece, reference_piece, out=_temporary(scratch, reference_piece, 0))
             shift = shift.reshape(-1).to(like.dtype)
-            for total, a in zip(totals, piece[len(source):]):
-                total += torch.dot(a.reshape(-1).to(like.dtype), shift).to(like.device)
-        for total, value in zip(sums, totals):
-            total.append(value)
-    return [torch.stack(sum_over_shards(total, x)).sum() for total in sums]
+            flat = [a.reshape(-1).to(like.dtype) for a in rest]
+            for total, a in zip(totals, flat[:len(products)]):
+                total += torch.dot(a, shift).to(like.device)
+            for total, a in zip(totals[len(products):], flat[len(products):]):
+                total += torch.dot(a, a).to(like.device)
+        for column, value in zip(columns, totals):
+            column.append(value)
+    return [torch.stack(sum_over_shards(column, x)).sum() for column in columns]
 
 
 def _write_scaled(rule: MechanicRule, state: MechanicState, new: MechanicState,
