@@ -98,13 +98,15 @@ def _sequential(members: list[tuple[str, GradientTransformation]], keyed: bool
                                      params, extras)
         return updates, packed(new_states)
 
-    # the members that leave their scaling and decay to the caller: the trailing affine ones,
-    # and the one before them if it can (it sees the real updates; the affine ones do not)
-    folded = 0
-    while folded < len(members) and members[-1 - folded][1].affine:
-        folded += 1
-    if folded < len(members) and members[-1 - folded][1].unscaled is not None:
-        folded += 1
+    # the trailing affine members (scalings and decays) and the member before them, which sees
+    # the real updates (the affine ones do not)
+    tail = 0
+    while tail < len(members) and members[-1 - tail][1].affine:
+        tail += 1
+    fusing = len(members) - tail - 1  # that member's position, -1 when there is none
+    # the members that leave their scaling and decay to the caller: the tail, and the member
+    # before it if it can
+    folded = tail + (fusing >= 0 and members[fusing][1].unscaled is not None)
 
     def unscaled(updates: Tree, state, params: Tree | None = None, **extras: Any):
         updates, new_states, extras = run(len(members) - folded,
@@ -119,18 +121,14 @@ def _sequential(members: list[tuple[str, GradientTransformation]], keyed: bool
                 extras = {**extras, **tx.provides}
         return updates, packed(new_states), a, b
 
-    # the member that adds its own updates to the parameters, before the affine tail
-    tail = 0
-    while tail < len(members) and members[-1 - tail][1].affine:
-        tail += 1
-    fusing = len(members) - tail - 1
-
     def into_params(updates: Tree, state, params: Tree, scale: Any, decay: Any, **extras: Any):
         updates, new_states, extras = run(fusing, _entry(updates, params, extras), state,
                                           params, extras)
         name, tx = members[fusing]
         after = {**extras, **tx.provides} if tx.provides else extras
-        a, b = 1.0, 0.0  # the tail's scaling and decay, which do not look at the updates
+        # the member adds its own updates to the parameters, scaled and decayed as the tail
+        # would (whose scaling and decay do not depend on the updates)
+        a, b = 1.0, 0.0
         tail_states = []
         for position, (tail_name, tail_tx) in enumerate(members[fusing + 1:], start=fusing + 1):
             _, tail_state, factor, tail_decay = tail_tx.unscaled(

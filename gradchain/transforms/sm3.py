@@ -31,7 +31,8 @@ from gradchain.distributed import check_whole
 __all__ = ["SM3State", "scale_by_sm3"]
 
 #: On CPU in eager mode a leaf is processed in blocks of rows (slices of its first axis) of
-#: about this many elements: each block's nu is computed in the output's rows, reduced and
+#: about this many elements: each block's nu is computed in the output's rows (or, where the
+#: transform adds its updates to the parameters itself, in one scratch block), reduced and
 #: turned into the output in place while it is still in cache. The result does not depend on
 #: the block size (the reductions are maxima, which are exact).
 BLOCK_ELEMENTS = 1 << 20
