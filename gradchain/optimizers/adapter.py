@@ -341,8 +341,8 @@ class ChainOptimizer(torch.optim.Optimizer):
         """
         return any(self._group_needs_hvp(i) for i in range(len(self.param_groups)))
 
-    def _group_needs_hvp(self, index: int) -> bool:
-        tx = self._transform(index)[0]
+    def _group_needs_hvp(self, index: int, tx: GradientTransformation | None = None) -> bool:
+        tx = tx or self._transform(index)[0]
         if tx.needs_hvp is None:
             return False
         state = self._group_states[index]
@@ -372,14 +372,15 @@ class ChainOptimizer(torch.optim.Optimizer):
         compiled training step, runs it as it is, between graphs): ``compile=True`` compiles
         the chain's own graph."""
         per_group = self._split_param_extras(param_extras or {})
-        curvature = [self._group_needs_hvp(i) for i in range(len(self.param_groups))]
+        built = [self._transform(i) for i in range(len(self.param_groups))]
+        curvature = [self._group_needs_hvp(i, tx) for i, (tx, _) in enumerate(built)]
         loss = None
         if closure is not None:
             with torch.enable_grad(), _backward_with_graph(any(curvature)):
                 loss = closure()
+            built = [self._transform(i) for i in range(len(self.param_groups))]
         try:
-            for index, group in enumerate(self.param_groups):  # check all before anything moves
-                tx = self._transform(index)[0]
+            for (tx, _), group in zip(built, self.param_groups):  # all before anything moves
                 for name, p in zip(self._names(group), group["params"]):
                     if p.grad is not None:
                         _check_gradient(name, p, tx.accepts_sparse)
@@ -393,7 +394,8 @@ class ChainOptimizer(torch.optim.Optimizer):
                               stacklevel=_caller_stacklevel())
                 return loss
             for index, group in enumerate(self.param_groups):
-                self._step_group(index, group, loss, curvature[index], per_group[index])
+                self._step_group(index, group, built[index], loss, curvature[index],
+                                 per_group[index])
         finally:
             _release_graphs(self.param_groups)
         self._refresh_state_view()
@@ -418,14 +420,15 @@ class ChainOptimizer(torch.optim.Optimizer):
                 start += size
         return per_group
 
-    def _step_group(self, group_index: int, group: dict[str, Any], loss: Any,
+    def _step_group(self, group_index: int, group: dict[str, Any],
+                    built: tuple[GradientTransformation, Callable | None], loss: Any,
                     curvature: bool, param_extras: dict[str, list[Tensor]]) -> None:
         params: list[Tensor] = group["params"]
         names = self._names(group)
         active = [i for i, p in enumerate(params) if p.grad is not None]
         if not active:
             return
-        tx, compiled = self._transform(group_index)
+        tx, compiled = built
         state = self._group_states[group_index]
         if state is None:
             state = self._init_group(group_index, tx)
@@ -473,12 +476,27 @@ class ChainOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------------------
     # State
 
+    @property  # type: ignore[override]
+    def state(self) -> defaultdict[Tensor, dict[str, Any]]:
+        """torch's per-parameter view of the chains' state, ``optimizer.state[p]`` (the entries
+        of ``state_dict()["state"]``, holding the live tensors), built when first read after a
+        step or a load."""
+        view = self.__dict__.get("_state_view")
+        if view is None:
+            view = defaultdict(dict)
+            for index, group in enumerate(self.param_groups):
+                for p, entry in zip(group["params"], self._flat_group(index)):
+                    view[p] = entry
+            self._state_view = view
+        return view
+
+    @state.setter
+    def state(self, value: defaultdict[Tensor, dict[str, Any]]) -> None:
+        self._state_view = value  # torch's __init__ assigns an empty one
+
     def _refresh_state_view(self) -> None:
-        view: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
-        for index, group in enumerate(self.param_groups):
-            for p, entry in zip(group["params"], self._flat_group(index)):
-                view[p] = entry
-        self.state = view
+        """``state`` is built again at its next read."""
+        self._state_view = None
 
     def _flat_group(self, index: int, initial: bool = False) -> list[dict[str, Any]]:
         """The group's per-parameter entries; before its first step, empty ones, or with
@@ -579,6 +597,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         only if the transform's functions do; a recipe's optimizer pickles.)"""
         state = dict(self.__dict__)
         state["_built"] = [None] * len(self._built)
+        state["_state_view"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -225,6 +225,22 @@ def test_fixed_transform_drives_the_optimizer():
         ChainOptimizer([param], tx, lr=0.1)
 
 
+def test_the_state_view_follows_every_step_and_load_with_the_live_tensors():
+    model = _model()
+    optimizer = AdamW(model.parameters(), lr=1e-2)
+    weight = model[0].weight
+    assert weight in optimizer.state and optimizer.state[weight] == {}  # as torch's, unstepped
+    for steps in (1, 2):
+        _train(model, optimizer, 1)
+        entry = optimizer.state[weight]
+        assert entry["step"] == steps and entry["adam.count"] == steps
+        assert entry["adam.mu"] is optimizer.chain_state()["adam"].mu[0]
+    twin = AdamW(model.parameters(), lr=1e-2)
+    twin.load_state_dict(optimizer.state_dict())
+    assert twin.state[weight]["step"] == 2
+    assert torch.equal(twin.state[weight]["adam.nu"], optimizer.state[weight]["adam.nu"])
+
+
 def test_bfloat16_parameters_keep_float32_state():
     model = _model(torch.bfloat16)
     optimizer = AdamW(model.parameters(), lr=1e-2)
