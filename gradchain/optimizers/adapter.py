@@ -208,7 +208,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._group_states: list[Any] = []
         self._group_steps: list[int] = []
         self._built: list[tuple[Any, GradientTransformation, Callable | None] | None] = []
-        self._recompiles = 0  # rebuilds of compiled chains after a hyperparameter changed
+        self._recompiles: dict[int, int] = {}  # per group: rebuilds of its compiled chain
         super().__init__(params, defaults)
         # every parameter has an entry from the start, so torch.distributed.checkpoint reads
         # state_dict() (which holds the initial state) instead of creating the state with a
@@ -271,7 +271,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         if cached is not None and cached[0] == key:
             return cached[1], cached[2]
         if cached is not None and self._compile:
-            self._note_recompile(dict(cached[0] or ()), hyperparameters)
+            self._note_recompile(index, dict(cached[0] or ()), hyperparameters)
         lr = self._lr_tensors[index]
         tx = self._build({**hyperparameters, rate: lambda count: lr} if tensor_lr
                          else hyperparameters)
@@ -280,10 +280,11 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._built[index] = (key, tx, compiled)
         return tx, compiled
 
-    def _note_recompile(self, before: dict[str, Any], now: dict[str, Any]) -> None:
-        """Warns once, at a compiled chain's second rebuild: each one compiles the step anew."""
-        self._recompiles += 1
-        if self._recompiles != 2:
+    def _note_recompile(self, index: int, before: dict[str, Any], now: dict[str, Any]) -> None:
+        """Warns once, at the second rebuild of a group's compiled chain (each compiles the step
+        anew); a single change of the hyperparameters of every group is not warned about."""
+        count = self._recompiles[index] = self._recompiles.get(index, 0) + 1
+        if count != 2 or sum(c >= 2 for c in self._recompiles.values()) > 1:
             return
         names = {argument: key for key, argument in self._arguments.items()}
         changed = sorted(names.get(a, a) for a in now if before.get(a) != now[a])
@@ -368,9 +369,9 @@ class ChainOptimizer(torch.optim.Optimizer):
               param_extras: Mapping[str, Sequence[Tensor | None]] | None) -> Any:
         """The body of ``step``. A subclass that extends ``step``'s signature calls this rather
         than ``super().step``, so that torch's step hooks (wrapped around every class's own
-        ``step``) run once. Outside ``torch.compile`` (``torch.compile(optimizer.step)``, or a
-        compiled training step, runs it as it is, between graphs): ``compile=True`` compiles
-        the chain's own graph."""
+        ``step``) run once. It is kept out of ``torch.compile``: a compiled caller
+        (``torch.compile(optimizer.step)``, a compiled training step) runs it as it is, between
+        graphs; ``compile=True`` compiles the chain's own graph."""
         per_group = self._split_param_extras(param_extras or {})
         built = [self._transform(i) for i in range(len(self.param_groups))]
         curvature = [self._group_needs_hvp(i, tx) for i, (tx, _) in enumerate(built)]

@@ -161,3 +161,19 @@ def test_a_scheduler_that_cycles_momentum_is_warned_about_once_and_the_lr_alone_
         assert len(messages) == (1 if cycle_momentum else 0)
         assert all("['betas']" in m and "cycle_momentum" in m for m in messages)
         assert all(w.filename == __file__ for w in caught if "compiles the step" in str(w.message))
+
+
+def test_one_change_of_every_group_s_hyperparameters_is_not_warned_about():
+    torch._dynamo.reset()
+    params, loss = problem()
+    optimizer = AdamW([{"params": params[:1]}, {"params": params[1:]}], lr=0.1, compile=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3):
+            if step == 1:
+                for group in optimizer.param_groups:
+                    group["weight_decay"] = 0.5
+            optimizer.zero_grad()
+            loss().backward()
+            optimizer.step()
+    assert not [w for w in caught if "compiles the step anew" in str(w.message)]
