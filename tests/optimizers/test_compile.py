@@ -169,8 +169,8 @@ def test_one_change_of_every_group_s_hyperparameters_is_not_warned_about():
     optimizer = AdamW([{"params": params[:1]}, {"params": params[1:]}], lr=0.1, compile=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for step in range(3):
-            if step == 1:
+        for count in range(3):
+            if count == 1:
                 for group in optimizer.param_groups:
                     group["weight_decay"] = 0.5
             optimizer.zero_grad()
