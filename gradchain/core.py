@@ -48,6 +48,7 @@ __all__ = [
     "selected_indices",
     "apply_updates",
     "add_scaled_",
+    "divide_into_",
     "stochastic_round_",
     "all_finite",
     "writable",
@@ -456,6 +457,20 @@ def add_scaled_(params: list[Tensor], updates: list[Tensor], a: float | Tensor,
         torch._foreach_add_(params, torch._foreach_mul(updates, a))
     else:
         torch._foreach_add_(params, updates, alpha=a)
+
+
+def divide_into_(numerators: Sequence[Tensor], denominators: Sequence[Tensor]) -> None:
+    """``d <- a / d`` for every pair, the quotient written into the denominator's buffer: a
+    fresh tensor per quotient would be faulted into memory first (eager mode; under
+    ``torch.compile`` a new ``_foreach_div`` list fuses instead).
+
+    Example:
+        >>> d = [torch.tensor([2.0, 4.0])]
+        >>> divide_into_([torch.ones(2)], d); d
+        [tensor([0.5000, 0.2500])]
+    """
+    for a, d in zip(numerators, denominators):
+        torch.div(a, d, out=d)
 
 
 @torch.no_grad()

@@ -36,6 +36,7 @@ from gradchain.core import (
     check_dense_real,
     check_non_negative,
     debiased_decay,
+    divide_into_,
     hoist,
     leaves,
     lend,
@@ -99,8 +100,7 @@ def _over_floored_root(numerator: list[Tensor], nu: list[Tensor], eps: float) ->
     torch._foreach_maximum_(local_shards(denom), eps)  # DTensors have no sharding rule for it
     if torch.compiler.is_compiling():
         return torch._foreach_div(numerator, denom)
-    for a, d in zip(local_shards(numerator, denom), local_shards(denom)):
-        torch.div(a, d, out=d)
+    divide_into_(local_shards(numerator, denom), local_shards(denom))
     return denom
 
 

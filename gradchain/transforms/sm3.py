@@ -328,11 +328,11 @@ class _Rule(NamedTuple):
         torch._foreach_mul_(nu, g)
         torch._foreach_mul_(nu, positive)
         out = [x.view(shape) for x, shape in zip(nu, shapes)]
-        buffers = [x for x in m if x is not None]
-        if buffers:  # m <- b1 m + (1 - b1) p; o = m
-            torch._foreach_lerp_(buffers, [o for o, x in zip(out, m) if x is not None],
-                                 1.0 - self.b1)
-            torch._foreach_copy_([o for o, x in zip(out, m) if x is not None], buffers)
+        pairs = [(o, x) for o, x in zip(out, m) if x is not None]
+        if pairs:  # m <- b1 m + (1 - b1) p; o = m
+            outputs, buffers = (list(t) for t in zip(*pairs))
+            torch._foreach_lerp_(buffers, outputs, 1.0 - self.b1)
+            torch._foreach_copy_(outputs, buffers)
         return out
 
     def dense(self, g: Tensor, mu: tuple[Tensor, ...], m: Tensor | None, blocked: bool,

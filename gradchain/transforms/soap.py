@@ -38,6 +38,7 @@ from gradchain.core import (
     check_non_negative,
     debiased_decay,
     decay_product,
+    divide_into_,
     leaves,
     resolve,
     second_moment_decay,
@@ -477,8 +478,7 @@ def soap_precondition(b1: Hyper = 0.9, b2: Hyper = 0.95, shampoo_beta: Hyper | N
             torch._foreach_add_(den, resolve(eps, count))
         if scale != 1.0:
             torch._foreach_div_(den, scale)
-        for numerator, d in zip(mu if momentum else rotated, den):
-            torch.div(numerator, d, out=d)  # into den: no fresh buffer to fault in
+        divide_into_(mu if momentum else rotated, den)
         return den
 
     def step(u: list[Tensor], state: SoapState, decay2: Hyper, k: int) -> list[Tensor]:
