@@ -30,6 +30,7 @@ from gradchain.core import (
     GradientTransformation,
     Hyper,
     Tree,
+    add_scaled_,
     all_finite,
     as_tree,
     check_choice,
@@ -51,6 +52,8 @@ __all__ = ["SoapState", "soap_precondition", "merged_shape", "refresh_due"]
 #: Per leaf, one entry per (merged) axis: a matrix for a preconditioned axis, else ``None``.
 Matrices = tuple[Tensor | None, ...]
 Frequency = int | Callable[[int], float]
+#: Where a step adds its outputs: (parameters, a, b) for x <- x + b·x + a·o.
+Into = tuple[list[Tensor], float | Tensor, float | Tensor]
 
 
 class SoapState(NamedTuple):
@@ -171,17 +174,26 @@ def refresh_due(frequency: Frequency, k: int, accumulator: float) -> tuple[bool,
 
 def _project(x: Tensor, basis: Matrices, back: bool = False) -> Tensor:
     """:math:`P(X)`, or :math:`P^{-1}(X)` with ``back``: mode products with :math:`Q_a`
-    (:math:`Q_a^\\top`) on the preconditioned axes. Matrices use two plain matmuls; other ranks
-    contract axis 0 at a time, which cycles the axes back into place."""
+    (:math:`Q_a^\\top`) on the preconditioned axes. Matrices use two plain matmuls
+    (``_project_matrix``); other ranks contract axis 0 at a time, which cycles the axes back
+    into place."""
     if x.dim() == 2:
-        left, right = basis
-        if left is not None:
-            x = torch.mm(left if back else left.T, x)
-        if right is not None:
-            x = torch.mm(x, right.T if back else right)
-        return x
+        return _project_matrix(x, basis, back)
     for q in basis:
         x = x.movedim(0, -1) if q is None else torch.tensordot(x, q, ([0], [1 if back else 0]))
+    return x
+
+
+def _project_matrix(x: Tensor, basis: Matrices, back: bool = False,
+                    middle: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+    """``_project`` of a matrix, :math:`Q_0^\\top X Q_1` (:math:`Q_0 X Q_1^\\top` with
+    ``back``), optionally into given buffers of x's shape: the last product writes ``out``,
+    the first of two ``middle`` (None: new tensors). Neither may hold x."""
+    left, right = basis
+    if left is not None:
+        x = torch.mm(left if back else left.T, x, out=out if right is None else middle)
+    if right is not None:
+        x = torch.mm(x, right.T if back else right, out=out)
     return x
 
 
@@ -463,15 +475,16 @@ def soap_precondition(b1: Hyper = 0.9, b2: Hyper = 0.95, shampoo_beta: Hyper | N
         scale = math.sqrt(1.0 - decay_product(decay2, count)) / (1.0 - decay_product(b1, count))
         return resolve(b1, count), resolve(decay2, count), scale
 
-    def adam(rotated: list[Tensor], state: SoapState, beta1: float, beta2: float, scale: float,
-             count: int) -> list[Tensor]:
-        """Adam in the rotated basis: updates m and v in place, returns scale · m / den."""
-        mu, nu = state.mu, state.nu
+    def adam(rotated: list[Tensor], mu: list[Tensor | None], nu: list[Tensor],
+             den: list[Tensor], beta1: float, beta2: float, scale: float, count: int) -> None:
+        """Adam in the rotated basis: m and v in place, scale · m / den into ``den`` (buffers
+        of v's shapes, which may hold ``rotated`` when there is a first moment)."""
         if momentum:
             torch._foreach_lerp_(mu, rotated, 1.0 - beta1)
         torch._foreach_mul_(nu, beta2)
         torch._foreach_addcmul_(nu, rotated, rotated, 1.0 - beta2)
-        den = torch._foreach_sqrt(nu)
+        for v, d in zip(nu, den):
+            torch.sqrt(v, out=d)
         if eps_mode == "max":
             torch._foreach_clamp_min_(den, resolve(eps, count))
         else:
@@ -479,33 +492,64 @@ def soap_precondition(b1: Hyper = 0.9, b2: Hyper = 0.95, shampoo_beta: Hyper | N
         if scale != 1.0:
             torch._foreach_div_(den, scale)
         divide_into_(mu if momentum else rotated, den)
-        return den
 
-    def step(u: list[Tensor], state: SoapState, decay2: Hyper, k: int) -> list[Tensor]:
-        """The k-th real update (§5.7 steps 1-7): the outputs; moments and Grams in place."""
+    def step(u: list[Tensor], state: SoapState, decay2: Hyper, k: int, into: Into | None
+             ) -> list[Tensor | None]:
+        """The k-th real update (§5.7 steps 1-7): the outputs; moments and Grams in place.
+
+        Rotated matrices go one at a time through two buffers reused by all of them (the
+        projections, the moments' quotient, the products back), so that a step allocates
+        only its outputs: each fresh tensor is faulted into memory. With ``into`` = (params,
+        a, b) their outputs are not allocated either: each is added to its parameter,
+        :math:`x \\leftarrow x + b\\,x + a\\,o`, and its place in the result is None. The
+        other leaves (vectors: plain Adam) go together through foreach ops."""
         beta1, beta2, scale = decays(decay2, k - 1)
         flat = [g.reshape(nu.shape).to(nu.dtype) for g, nu in zip(u, state.nu)]
-        rotated = [_project(g, basis) if _rotates(basis) else g
-                   for g, basis in zip(flat, state.basis)]
-        out = []
-        for g, n, basis in zip(u, adam(rotated, state, beta1, beta2, scale, k - 1), state.basis):
-            if _rotates(basis):
-                n = _project(n, basis, back=True)
-            if normalize_grads and n.numel():
-                n = n.div_(torch.linalg.vector_norm(n) / math.sqrt(n.numel()) + 1e-30)
-            out.append(n.reshape(g.shape))
+        one_by_one = [i for i, (g, basis) in enumerate(zip(flat, state.basis))
+                      if g.dim() == 2 and _rotates(basis)]
+        together = sorted(set(range(len(flat))) - set(one_by_one))
+        out: list[Tensor | None] = [None] * len(flat)
+        buffers = _workspace([flat[i] for i in one_by_one])
+        for i in one_by_one:
+            g, basis = flat[i], state.basis[i]
+            middle, last = (b[:g.numel()].view(g.shape) for b in buffers[g.dtype, g.device])
+            rotated = _project_matrix(g, basis, middle=middle, out=last)
+            adam([rotated], [state.mu[i]], [state.nu[i]], [middle], beta1, beta2, scale, k - 1)
+            if into is None:
+                out[i] = _project_matrix(middle, basis, back=True, middle=last)
+                continue
+            # the last product back reads the other buffer: middle again after two products
+            o = _project_matrix(middle, basis, back=True, middle=last,
+                                out=middle if all(q is not None for q in basis) else last)
+            normalize(o)
+            params, a, b = into
+            add_scaled_([params[i]], [o.view(params[i].shape)], a, b)
+        if together:
+            rotated = [_project(flat[i], state.basis[i]) if _rotates(state.basis[i]) else flat[i]
+                       for i in together]
+            den = [torch.empty_like(state.nu[i]) for i in together]
+            adam(rotated, [state.mu[i] for i in together], [state.nu[i] for i in together], den,
+                 beta1, beta2, scale, k - 1)
+            for i, d in zip(together, den):
+                out[i] = _project(d, state.basis[i], back=True) if _rotates(state.basis[i]) \
+                    else d
+        for o in out:
+            if o is not None:
+                normalize(o)
         shampoo = beta2 if shampoo_beta is None else resolve(shampoo_beta, k - 1)
         for g, grams in zip(flat, state.gram):
             _accumulate_grams(g, grams, shampoo)
-        return out
+        return [None if o is None else o.reshape(g.shape) for o, g in zip(out, u)]
 
-    # Eager under torch.compile: inductor would hand the matrix products to the same BLAS,
-    # while tracing them leaf by leaf, with the per-step decays and the refresh schedule as
-    # guards, took 13 minutes on the 27M-parameter benchmark (benchmarks/peers.py) and gave a
-    # step 1.6x slower than the eager one. The rest of a chain still compiles.
-    @torch.compiler.disable
-    def update(updates: Tree, state: SoapState, params: Tree | None = None, **extras: Any):
-        u = leaves(updates)
+    def normalize(o: Tensor) -> None:
+        """With ``normalize_grads``: o divided in place by (its RMS + 1e-30)."""
+        if normalize_grads and o.numel():
+            o.div_(torch.linalg.vector_norm(o) / math.sqrt(o.numel()) + 1e-30)
+
+    def advance(u: list[Tensor], state: SoapState, extras: dict[str, Any],
+                into: Into | None = None) -> tuple[list[Tensor | None], SoapState]:
+        """The outputs and the next state; with ``into`` (see ``step``) the rotated matrices'
+        outputs are added to their parameters instead (None in their places)."""
         check_dense_real(u, "soap_precondition")
         if len(u) != len(state.nu):
             raise ValueError(f"soap_precondition has state for {len(state.nu)} parameters, got "
@@ -515,24 +559,58 @@ def soap_precondition(b1: Hyper = 0.9, b2: Hyper = 0.95, shampoo_beta: Hyper | N
                 raise FloatingPointError("soap_precondition: non-finite gradient")
             warnings.warn("soap_precondition: non-finite gradient, step skipped", RuntimeWarning,
                           stacklevel=_caller_stacklevel())
-            return as_tree(updates, _zeros(u, state)), state
+            return _zeros(u, state), state
         k = state.count
         if k == 0:
             initialise(u, state)
-            return as_tree(updates, _zeros(u, state)), state._replace(count=1)
+            return _zeros(u, state), state._replace(count=1)
         due, accumulator = refresh_due(precondition_frequency, k, state.refresh_accumulator)
-        out = step(u, state, second_moment_decay(b2, extras), k) if u else []
+        out = step(u, state, second_moment_decay(b2, extras), k, into) if u else []
         if due:
             for grams, basis, nu, mu in zip(state.gram, state.basis, state.nu, state.mu):
                 _refresh(grams, basis, nu, mu)
-        return as_tree(updates, out), state._replace(count=k + 1, refresh_accumulator=accumulator)
+        return out, state._replace(count=k + 1, refresh_accumulator=accumulator)
 
-    return GradientTransformation(init, update)
+    # Eager under torch.compile: inductor would hand the matrix products to the same BLAS,
+    # while tracing them leaf by leaf, with the per-step decays and the refresh schedule as
+    # guards, took 13 minutes on the 27M-parameter benchmark (benchmarks/peers.py) and gave a
+    # step 1.6x slower than the eager one. The rest of a chain still compiles.
+    @torch.compiler.disable
+    def update(updates: Tree, state: SoapState, params: Tree | None = None, **extras: Any):
+        out, state = advance(leaves(updates), state, extras)
+        return as_tree(updates, out), state
+
+    @torch.compiler.disable
+    def into_params(updates: Tree, state: SoapState, params: Tree, a: float | Tensor,
+                    b: float | Tensor, **extras: Any) -> SoapState:
+        """``update``, then ``x <- x + b·x + a·o``, the same numbers; a rotated matrix's output
+        is formed in the step's reused buffers and added at once, so no output of a
+        parameter's size is allocated."""
+        x = leaves(params)
+        out, state = advance(leaves(updates), state, extras, (x, a, b))
+        rest = [i for i, o in enumerate(out) if o is not None]
+        if rest:
+            add_scaled_([x[i] for i in rest], [out[i] for i in rest], a, b)
+        return state
+
+    return GradientTransformation(init, update, into_params=into_params)
 
 
 def _rotates(basis: Matrices) -> bool:
     """Whether a leaf has a preconditioned axis."""
     return any(q is not None for q in basis)
+
+
+def _workspace(matrices: list[Tensor]) -> dict[tuple[torch.dtype, torch.device],
+                                                 tuple[Tensor, Tensor]]:
+    """Two flat buffers per dtype and device, each as large as the largest of ``matrices``."""
+    sizes: dict[tuple[torch.dtype, torch.device], int] = {}
+    for m in matrices:
+        key = (m.dtype, m.device)
+        sizes[key] = max(sizes.get(key, 0), m.numel())
+    return {(dtype, device): tuple(torch.empty(size, dtype=dtype, device=device)
+                                   for _ in range(2))
+            for (dtype, device), size in sizes.items()}
 
 
 def _zeros(u: list[Tensor], state: SoapState) -> list[Tensor]:

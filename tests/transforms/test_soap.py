@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gradchain.chains import chain
-from gradchain.core import flatten_state, unflatten_state
+from gradchain.core import add_scaled_, flatten_state, unflatten_state
 from gradchain.schedules import precond_schedule
 from gradchain.transforms import palm, scale_by_adam, soap
 from gradchain.transforms.soap import merged_shape, refresh_due, soap_precondition
@@ -571,6 +571,37 @@ def test_outputs_are_fresh_and_the_input_is_untouched():
         assert all(torch.equal(g, c) for g, c in zip(grads, copies))
         storages = {t.untyped_storage().data_ptr() for t in state.nu + state.mu}
         assert not any(o.untyped_storage().data_ptr() in storages for o in out)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(b1=0.0), dict(normalize_grads=True),
+                                     dict(eps_mode="add", debias="adam")])
+@pytest.mark.parametrize("tensors", [False, True])
+def test_into_params_adds_the_outputs_with_the_same_numbers(options, tensors):
+    # every kind of leaf: matrices rotated on both axes, on the first or the last only (the
+    # other above max_precond_dim), a rank-3 leaf, vectors, a scalar and an empty leaf; over
+    # the initialising call, refreshes and a skipped step; x <- x + b x + a o against update()
+    # and that addition, with a and b numbers or 0-d tensors (learning rates as tensors)
+    shapes = [(6, 5), (30, 4), (4, 30), (3, 4, 25), (7,), (), (0, 3), (5, 6)]
+    tx = soap_precondition(precondition_frequency=2, max_precond_dim=12, **options)
+    a, b = (torch.tensor(-0.1, dtype=F64), torch.tensor(-0.01, dtype=F64)) if tensors else \
+        (-0.1, -0.01)
+    x_a = [randn(*s, seed=k) for k, s in enumerate(shapes)]
+    x_b = [x.clone() for x in x_a]
+    state_a, state_b = tx.init(x_a), tx.init(x_b)
+    for t in range(6):
+        grads = [randn(*s, seed=100 * t + k) for k, s in enumerate(shapes)]
+        if t == 3:
+            grads[0][0, 0] = math.inf
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the skipped step
+            out, state_a = tx.update(grads, state_a, x_a)
+            add_scaled_(x_a, out, a, b)
+            state_b = tx.into_params(grads, state_b, x_b, a, b)
+        assert all(torch.equal(p, q) for p, q in zip(x_a, x_b))
+    assert state_a.count == state_b.count == 5
+    for name in ("mu", "nu"):
+        assert all(p is q is None or torch.equal(p, q)
+                   for p, q in zip(getattr(state_a, name), getattr(state_b, name)))
 
 
 def test_dict_trees_keep_their_structure():
