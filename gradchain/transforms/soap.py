@@ -52,6 +52,8 @@ __all__ = ["SoapState", "soap_precondition", "merged_shape", "refresh_due"]
 #: Per leaf, one entry per (merged) axis: a matrix for a preconditioned axis, else ``None``.
 Matrices = tuple[Tensor | None, ...]
 Frequency = int | Callable[[int], float]
+#: Two flat buffers per dtype and device, reused by the matrices of a step (``_workspace``).
+Workspace = dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]]
 #: Where a step adds its outputs: (parameters, a, b) for x <- x + b·x + a·o.
 Into = tuple[list[Tensor], float | Tensor, float | Tensor]
 
@@ -271,7 +273,8 @@ def _orthonormal(a: Tensor) -> Tensor:
     return torch.linalg.householder_product(reflectors, tau)
 
 
-def _refresh(grams: Matrices, basis: Matrices, nu: Tensor, mu: Tensor | None) -> None:
+def _refresh(grams: Matrices, basis: Matrices, nu: Tensor, mu: Tensor | None,
+             buffers: tuple[Tensor, Tensor] | None = None) -> None:
     """One power-iteration step and a QR per preconditioned axis, in place (§5.7 step 9).
 
     The columns of :math:`Q_a` are first sorted by the estimated eigenvalues
@@ -284,7 +287,9 @@ def _refresh(grams: Matrices, basis: Matrices, nu: Tensor, mu: Tensor | None) ->
     :math:`R_a = Q_{a,old}^\\top Q_{a,new}`, cheaper when :math:`d_a^2 <` numel
     (:math:`2d_a^3` for R against :math:`2\\,\\mathrm{numel}\\,d_a` for the extra product).
     An axis whose Gram matrix is not finite keeps its basis (with a warning), so an overflow never
-    reaches the parameters."""
+    reaches the parameters. For a matrix, ``buffers`` (two flat tensors of at least its size)
+    hold the permuted ``nu`` and ``mu`` on its way (otherwise they are allocated).
+    """
     if not _rotates(basis):
         return
     fresh: list[Tensor | None] = []
@@ -301,13 +306,21 @@ def _refresh(grams: Matrices, basis: Matrices, nu: Tensor, mu: Tensor | None) ->
             fresh.append(None)
             continue
         order = torch.argsort(torch.linalg.vecdot(q.T, power_t), descending=True)
-        nu.copy_(nu.index_select(axis, order))
+        permuted = None if buffers is None else buffers[0][:nu.numel()].view(nu.shape)
+        nu.copy_(torch.index_select(nu, axis, order, out=permuted))
         fresh.append(_orthonormal(power_t.index_select(0, order).T))
     if mu is not None:
         one_product = [f is not None and f.shape[0] ** 2 < mu.numel() for f in fresh]
         old = tuple(None if f is None or r else q for q, f, r in zip(basis, fresh, one_product))
         new = tuple(q.T @ f if r else f for q, f, r in zip(basis, fresh, one_product))
-        mu.copy_(_project(_project(mu, old, back=True), new))
+        if buffers is None:
+            mu.copy_(_project(_project(mu, old, back=True), new))
+        else:
+            a, b = (buffer[:mu.numel()].view(mu.shape) for buffer in buffers)
+            if _project_matrix(mu, old, back=True, middle=a, out=b) is mu:  # no product back
+                mu.copy_(_project_matrix(mu, new, middle=a, out=b))
+            else:
+                _project_matrix(b, new, middle=a, out=mu)
     for q, f in zip(basis, fresh):
         if f is not None:
             q.copy_(f)
@@ -493,13 +506,14 @@ def soap_precondition(b1: Hyper = 0.9, b2: Hyper = 0.95, shampoo_beta: Hyper | N
             torch._foreach_div_(den, scale)
         divide_into_(mu if momentum else rotated, den)
 
-    def step(u: list[Tensor], state: SoapState, decay2: Hyper, k: int, into: Into | None
-             ) -> list[Tensor | None]:
+    def step(u: list[Tensor], state: SoapState, decay2: Hyper, k: int, buffers: Workspace,
+             into: Into | None) -> list[Tensor | None]:
         """The k-th real update (§5.7 steps 1-7): the outputs; moments and Grams in place.
 
-        Rotated matrices go one at a time through two buffers reused by all of them (the
-        projections, the moments' quotient, the products back), so that a step allocates
-        only its outputs: each fresh tensor is faulted into memory. With ``into`` = (params,
+        Rotated matrices go one at a time through ``buffers`` (``_workspace``: two per dtype
+        and device, shared by all of them: the projections, the moments' quotient, the
+        products back), so that a step allocates only its outputs, each fresh tensor being
+        faulted into memory. With ``into`` = (params,
         a, b) their outputs are not allocated either: each is added to its parameter,
         :math:`x \\leftarrow x + b\\,x + a\\,o`, and its place in the result is None. The
         other leaves (vectors: plain Adam) go together through foreach ops."""
@@ -509,7 +523,6 @@ def soap_precondition(b1: Hyper = 0.9, b2: Hyper = 0.95, shampoo_beta: Hyper | N
                       if g.dim() == 2 and _rotates(basis)]
         together = sorted(set(range(len(flat))) - set(one_by_one))
         out: list[Tensor | None] = [None] * len(flat)
-        buffers = _workspace([flat[i] for i in one_by_one])
         for i in one_by_one:
             g, basis = flat[i], state.basis[i]
             middle, last = (b[:g.numel()].view(g.shape) for b in buffers[g.dtype, g.device])
@@ -565,10 +578,13 @@ def soap_precondition(b1: Hyper = 0.9, b2: Hyper = 0.95, shampoo_beta: Hyper | N
             initialise(u, state)
             return _zeros(u, state), state._replace(count=1)
         due, accumulator = refresh_due(precondition_frequency, k, state.refresh_accumulator)
-        out = step(u, state, second_moment_decay(b2, extras), k, into) if u else []
+        buffers = _workspace([nu for nu, basis in zip(state.nu, state.basis)
+                              if nu.dim() == 2 and _rotates(basis)])
+        out = step(u, state, second_moment_decay(b2, extras), k, buffers, into) if u else []
         if due:
             for grams, basis, nu, mu in zip(state.gram, state.basis, state.nu, state.mu):
-                _refresh(grams, basis, nu, mu)
+                _refresh(grams, basis, nu, mu,
+                         buffers.get((nu.dtype, nu.device)) if nu.dim() == 2 else None)
         return out, state._replace(count=k + 1, refresh_accumulator=accumulator)
 
     # Eager under torch.compile: inductor would hand the matrix products to the same BLAS,
@@ -601,8 +617,7 @@ def _rotates(basis: Matrices) -> bool:
     return any(q is not None for q in basis)
 
 
-def _workspace(matrices: list[Tensor]) -> dict[tuple[torch.dtype, torch.device],
-                                                 tuple[Tensor, Tensor]]:
+def _workspace(matrices: list[Tensor]) -> Workspace:
     """Two flat buffers per dtype and device, each as large as the largest of ``matrices``."""
     sizes: dict[tuple[torch.dtype, torch.device], int] = {}
     for m in matrices:
