@@ -120,9 +120,11 @@ class GradientTransformation(NamedTuple):
     ``into_params(updates, state, params, a, b, **extras) -> state``, when given, adds the
     transform's updates to the parameters itself, ``params <- params + b·params + a·u`` in place:
     the same numbers as ``unscaled`` (``update`` where there is none) followed by that addition,
-    but u may be added block by block and never held whole (SM3's eager step allocates no
-    parameter-sized temporary). A chain offers it when its last member before a tail of affine
-    members does.
+    but u may be added block by block and never held whole (SM3's and SOAP's eager steps
+    allocate no parameter-sized temporary). A chain offers it when its last member before a tail
+    of affine members does; ``masked`` and ``partition`` when a member applies itself (its
+    ``into_params`` or ``unscaled``): each member's parameters then move by the numbers that
+    member gives alone, through its own ``into_params``, ``unscaled`` or ``update``.
 
     Defaults: every flag False, ``needs_hvp``, ``provides``, ``unscaled`` and ``into_params``
     None.

@@ -19,6 +19,7 @@ from gradchain.core import (
     Selector,
     all_finite,
     Tree,
+    add_scaled_,
     as_tree,
     check_structure,
     expand_state,
@@ -233,13 +234,39 @@ def _run_on(inner: GradientTransformation, index: list[int], updates: Tree, stat
     return leaves(out), merge_state(state, inner_state, index)
 
 
+def _run_into(inner: GradientTransformation, index: list[int], updates: Tree, state,
+              params: Tree, a: Any, b: Any, extras: dict[str, Any]):
+    """Run ``inner`` on the parameters at ``index`` and add its updates to them, ``x <- x +
+    b·x + a·o``, as an optimizer applies ``inner`` alone: through its ``into_params``, else
+    its ``unscaled`` (folding its scale and decay into a and b), else its ``update``. Returns
+    the merged state."""
+    sub = (subset(updates, index), select_state(state, index), subset(params, index))
+    sub_extras = _sub_extras(extras, index)
+    if inner.into_params is not None:
+        inner_state = inner.into_params(*sub, a, b, **sub_extras)
+    elif inner.unscaled is not None:
+        out, inner_state, scale, decay = inner.unscaled(*sub, **sub_extras)
+        add_scaled_(leaves(sub[2]), leaves(out), a * scale, a * decay + b)
+    else:
+        out, inner_state = inner.update(*sub, **sub_extras)
+        add_scaled_(leaves(sub[2]), leaves(out), a, b)
+    return merge_state(state, inner_state, index)
+
+
+def _adds_itself(tx: GradientTransformation) -> bool:
+    """Whether ``tx`` applies its own updates faster than ``update`` and an addition would."""
+    return tx.into_params is not None or tx.unscaled is not None
+
+
 def masked(inner: GradientTransformation, mask: Selector) -> GradientTransformation:
     """Apply ``inner`` to the selected parameters; pass the others through unchanged.
 
     ``mask``: name patterns (``["*.weight"]``), a mapping ``pattern -> bool`` (first match
     wins), a callable ``(name, param) -> bool``, or one bool per parameter of a list tree. It is
     evaluated on ``params`` (on ``updates`` when no params are given) and must select the same
-    parameters at every step. ``inner`` keeps state for the selected parameters only.
+    parameters at every step. ``inner`` keeps state for the selected parameters only. In an
+    optimizer the selected parameters move as ``inner`` alone would move them (its
+    ``into_params`` or ``unscaled`` form, when it has one: the same numbers).
 
     Example:
         >>> from gradchain.transforms import add_decayed_weights
@@ -262,9 +289,17 @@ def masked(inner: GradientTransformation, mask: Selector) -> GradientTransformat
             merged[i] = o
         return as_tree(updates, merged), state
 
+    def into_params(updates: Tree, state, params: Tree, a: Any, b: Any, **extras: Any):
+        index = chosen(updates, params)
+        state = _run_into(inner, index, updates, state, params, a, b, extras)
+        rest = sorted(set(range(len(leaves(updates)))) - set(index))
+        add_scaled_([leaves(params)[i] for i in rest], [leaves(updates)[i] for i in rest], a, b)
+        return state
+
     return GradientTransformation(init, update, terminal=inner.terminal, leafwise=inner.leafwise,
                                   elementwise=inner.elementwise and not callable(mask),
-                                  needs_hvp=inner.needs_hvp, accepts_sparse=inner.accepts_sparse)
+                                  needs_hvp=inner.needs_hvp, accepts_sparse=inner.accepts_sparse,
+                                  into_params=into_params if _adds_itself(inner) else None)
 
 
 def partition(transforms: Mapping[str, GradientTransformation], labels: Selector
@@ -274,7 +309,9 @@ def partition(transforms: Mapping[str, GradientTransformation], labels: Selector
     ``labels``: a callable ``(name, param) -> label``, a mapping ``name pattern -> label``
     (first match wins; a dict of exact names is the same-structure tree of a dict), or one label
     per parameter of a list tree. Each transform keeps state for its own parameters only; the
-    state is a dict ``label -> state``.
+    state is a dict ``label -> state``. In an optimizer each transform's parameters move by the
+    numbers that transform gives alone (its ``into_params`` or ``unscaled`` form, when it has
+    one: SOAP's and SM3's steps then allocate no output of a parameter's size).
 
     Example:
         >>> from gradchain.transforms import scale_by_adam, scale_by_sign
@@ -308,8 +345,15 @@ def partition(transforms: Mapping[str, GradientTransformation], labels: Selector
                 merged[i] = o
         return as_tree(updates, merged), new_state
 
+    def into_params(updates: Tree, state, params: Tree, a: Any, b: Any, **extras: Any):
+        return {label: _run_into(transforms[label], index, updates, state[label], params, a, b,
+                                 extras)
+                for label, index in groups(params).items()}
+
     members = list(transforms.values())
     return GradientTransformation(init, update,
+                                  into_params=into_params if any(_adds_itself(tx)
+                                                                 for tx in members) else None,
                                   terminal=any(tx.terminal for tx in members),
                                   leafwise=all(tx.leafwise for tx in members),
                                   elementwise=all(tx.elementwise for tx in members)

@@ -314,6 +314,73 @@ def test_partition_flags():
     assert partition({"a": scale(1.0), "b": term}, lambda n, p: "a").terminal
 
 
+@pytest.mark.parametrize("members", ["soap+adamw", "sm3+sgd", "sgd+adamw"])
+def test_each_part_of_a_partition_moves_as_it_would_alone(members):
+    # in an optimizer the partition adds each member's updates to its parameters the way that
+    # member alone would (its own into_params, or its unscaled form): the same numbers, bitwise
+    from gradchain import chains
+    from gradchain.optimizers import ChainOptimizer
+
+    recipes = {"soap": chains.soap(0.01, precondition_frequency=2),
+               "adamw": chains.adamw(0.01, weight_decay=0.1), "sm3": chains.sm3(0.1, momentum=0.9),
+               "sgd": chains.sgd(0.05, momentum=0.9, weight_decay=0.01)}
+    matrices, vectors = members.split("+")
+
+    def parameters():
+        return {k: torch.nn.Parameter(t) for k, t in _tree(0).items()}
+
+    whole, apart_w, apart_b = parameters(), parameters(), parameters()
+    tx = partition({"w": recipes[matrices], "b": recipes[vectors]},
+                   lambda name, p: "w" if p.ndim == 2 else "b")
+    assert tx.into_params is not None
+    optimizers = [ChainOptimizer(whole.items(), tx),
+                  ChainOptimizer([apart_w[k] for k in WEIGHTS], recipes[matrices]),
+                  ChainOptimizer([apart_b[k] for k in BIASES], recipes[vectors])]
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        for k in SHAPES:
+            grad = torch.randn(SHAPES[k], generator=gen, dtype=torch.float64)
+            whole[k].grad = grad.clone()
+            (apart_w if k in WEIGHTS else apart_b)[k].grad = grad.clone()
+        for opt in optimizers:
+            opt.step()
+    for k in SHAPES:
+        assert torch.equal(whole[k], (apart_w if k in WEIGHTS else apart_b)[k]), k
+
+
+def test_masked_into_params_applies_the_inner_form_and_passes_the_rest():
+    # masked(inner).into_params: the selected parameters as inner's own into_params/unscaled
+    # would move them, the others by their raw updates, x <- x + b x + a g
+    from gradchain.core import add_scaled_
+    from gradchain.transforms import scale_by_sm3
+
+    for inner in (scale_by_sm3(b1=0.9), chain(scale_by_adam(), add_decayed_weights(0.1))):
+        tx = masked(inner, WEIGHTS)
+        assert tx.into_params is not None
+        x_a, x_b = _tree(1), _tree(1)
+        state_a, state_b = tx.init(x_a), inner.init({k: x_b[k] for k in WEIGHTS})
+        for t in range(4):
+            g = _tree(10 + t)
+            state_a = tx.into_params(_clone(g), state_a, x_a, -0.1, -0.01)
+            chosen_x = {k: x_b[k] for k in WEIGHTS}
+            chosen_g = {k: g[k].clone() for k in WEIGHTS}
+            if inner.into_params is not None:
+                state_b = inner.into_params(chosen_g, state_b, chosen_x, -0.1, -0.01)
+            else:
+                out, state_b, a, b = inner.unscaled(chosen_g, state_b, chosen_x)
+                add_scaled_(list(chosen_x.values()), list(out.values()), -0.1 * a,
+                            -0.1 * b - 0.01)
+            add_scaled_([x_b[k] for k in BIASES], [g[k] for k in BIASES], -0.1, -0.01)
+            for k in SHAPES:
+                assert torch.equal(x_a[k], x_b[k]), k
+
+
+def test_routing_offers_into_params_only_where_a_member_applies_itself():
+    assert masked(trace(0.9), WEIGHTS).into_params is None
+    assert partition({"a": trace(0.9), "b": scale(2.0)}, lambda n, p: "a").into_params is not None
+    assert partition({"a": trace(0.9), "b": trace(0.5)}, lambda n, p: "a").into_params is None
+
+
 # ----------------------------------------------------------------------------------------------
 # freeze
 
