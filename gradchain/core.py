@@ -122,9 +122,10 @@ class GradientTransformation(NamedTuple):
     the same numbers as ``unscaled`` (``update`` where there is none) followed by that addition,
     but u may be added block by block and never held whole (SM3's and SOAP's eager steps
     allocate no parameter-sized temporary). A chain offers it when its last member before a tail
-    of affine members does; ``masked`` and ``partition`` when a member applies itself (its
-    ``into_params`` or ``unscaled``): each member's parameters then move by the numbers that
-    member gives alone, through its own ``into_params``, ``unscaled`` or ``update``.
+    of affine members does; ``masked``, ``partition``, ``inject_hyperparams``, ``multi_steps``
+    and ``apply_if_finite`` when a transform they wrap applies itself (its ``into_params`` or
+    ``unscaled``): its parameters then move by the numbers it gives alone, through its own
+    ``into_params``, ``unscaled`` or ``update``.
 
     Defaults: every flag False, ``needs_hvp``, ``provides``, ``unscaled`` and ``into_params``
     None.

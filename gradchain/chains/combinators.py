@@ -234,22 +234,27 @@ def _run_on(inner: GradientTransformation, index: list[int], updates: Tree, stat
     return leaves(out), merge_state(state, inner_state, index)
 
 
+def _into(inner: GradientTransformation, updates: Tree, state, params: Tree, a: Any, b: Any,
+          extras: dict[str, Any]):
+    """Add ``inner``'s updates to ``params``, ``x <- x + b·x + a·o``, as an optimizer applies
+    ``inner`` alone: through its ``into_params``, else its ``unscaled`` (its scale and decay
+    folded into a and b), else its ``update``. Returns ``inner``'s new state."""
+    if inner.into_params is not None:
+        return inner.into_params(updates, state, params, a, b, **extras)
+    if inner.unscaled is not None:
+        out, state, scale, decay = inner.unscaled(updates, state, params, **extras)
+        add_scaled_(leaves(params), leaves(out), a * scale, a * decay + b)
+        return state
+    out, state = inner.update(updates, state, params, **extras)
+    add_scaled_(leaves(params), leaves(out), a, b)
+    return state
+
+
 def _run_into(inner: GradientTransformation, index: list[int], updates: Tree, state,
               params: Tree, a: Any, b: Any, extras: dict[str, Any]):
-    """Run ``inner`` on the parameters at ``index`` and add its updates to them, ``x <- x +
-    b·x + a·o``, as an optimizer applies ``inner`` alone: through its ``into_params``, else
-    its ``unscaled`` (folding its scale and decay into a and b), else its ``update``. Returns
-    the merged state."""
-    sub = (subset(updates, index), select_state(state, index), subset(params, index))
-    sub_extras = _sub_extras(extras, index)
-    if inner.into_params is not None:
-        inner_state = inner.into_params(*sub, a, b, **sub_extras)
-    elif inner.unscaled is not None:
-        out, inner_state, scale, decay = inner.unscaled(*sub, **sub_extras)
-        add_scaled_(leaves(sub[2]), leaves(out), a * scale, a * decay + b)
-    else:
-        out, inner_state = inner.update(*sub, **sub_extras)
-        add_scaled_(leaves(sub[2]), leaves(out), a, b)
+    """``_into`` on the parameters at ``index``; returns the merged state."""
+    inner_state = _into(inner, subset(updates, index), select_state(state, index),
+                        subset(params, index), a, b, _sub_extras(extras, index))
     return merge_state(state, inner_state, index)
 
 
@@ -439,11 +444,18 @@ def inject_hyperparams(factory: Callable[..., GradientTransformation],
             return updates, InjectState(state.count + 1, {k: current[k] for k in numeric},
                                         inner_state)
 
+        def into_params(updates: Tree, state: InjectState, params: Tree, a: Any, b: Any,
+                        **extras: Any) -> InjectState:
+            current = values(state.count)
+            inner_state = _into(factory(**current), updates, state.inner, params, a, b, extras)
+            return InjectState(state.count + 1, {k: current[k] for k in numeric}, inner_state)
+
         return GradientTransformation(init, update, terminal=first.terminal,
                                       leafwise=first.leafwise, elementwise=first.elementwise,
                                       needs_hvp=None if first.needs_hvp is None else
                                       lambda state: needs_hvp(first, state.inner),
-                                      accepts_sparse=first.accepts_sparse)
+                                      accepts_sparse=first.accepts_sparse,
+                                      into_params=into_params if _adds_itself(first) else None)
 
     return build
 
@@ -488,12 +500,29 @@ def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransfor
             torch._foreach_zero_(acc)
         return out, MultiStepsState(0, acc, inner_state)
 
+    def into_params(updates: Tree, state: MultiStepsState, params: Tree, a: Any, b: Any,
+                    **extras: Any) -> MultiStepsState:
+        if state.mini_step + 1 < every_k:
+            out, state = update(updates, state, params, **extras)
+            add_scaled_(leaves(params), leaves(out), a, b)
+            return state
+        acc = state.accumulated
+        if acc:
+            torch._foreach_add_(acc, leaves(updates))
+        mean_tree = as_tree(updates, [t / every_k for t in acc])
+        inner_state = _into(inner, mean_tree, state.inner, params, a, b,
+                            {**extras, "grads": mean_tree})
+        if acc:
+            torch._foreach_zero_(acc)
+        return MultiStepsState(0, acc, inner_state)
+
     def inner_runs_next(state: MultiStepsState) -> bool:
         return state.mini_step + 1 == every_k and needs_hvp(inner, state.inner)
 
     return GradientTransformation(init, update, terminal=inner.terminal,
                                   leafwise=inner.leafwise, elementwise=inner.elementwise,
-                                  needs_hvp=None if inner.needs_hvp is None else inner_runs_next)
+                                  needs_hvp=None if inner.needs_hvp is None else inner_runs_next,
+                                  into_params=into_params if _adds_itself(inner) else None)
 
 
 
@@ -538,6 +567,16 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_skips: int = 
         zeros = as_tree(updates, [torch.zeros_like(t) for t in u])
         return zeros, ApplyIfFiniteState(skips, state.total_skips + 1, state.inner)
 
+    def into_params(updates: Tree, state: ApplyIfFiniteState, params: Tree, a: Any, b: Any,
+                    **extras: Any) -> ApplyIfFiniteState:
+        if all_finite(leaves(updates)):
+            inner_state = _into(inner, updates, state.inner, params, a, b, extras)
+            return ApplyIfFiniteState(0, state.total_skips, inner_state)
+        out, state = update(updates, state, params, **extras)  # zeros, or it raises
+        add_scaled_(leaves(params), leaves(out), a, b)
+        return state
+
     return GradientTransformation(init, update, terminal=inner.terminal,
                                   needs_hvp=None if inner.needs_hvp is None else
-                                  lambda state: needs_hvp(inner, state.inner))
+                                  lambda state: needs_hvp(inner, state.inner),
+                                  into_params=into_params if _adds_itself(inner) else None)

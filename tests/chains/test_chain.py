@@ -507,3 +507,72 @@ def test_named_chain_extras_and_grads_reach_members():
     assert record["extras"]["loss"] == math.pi
     for seen, raw in zip(record["grads"], leaves(g)):
         assert torch.equal(seen, raw)
+
+
+def _wrapped_against_alone(wrap, recipe, feed=None, steps=6):
+    """Parameters after ``steps`` steps of ``ChainOptimizer(wrap(recipe))`` and of
+    ``ChainOptimizer(recipe)``; ``feed(t, grads)`` gives the lone optimizer's gradients of
+    step t (None: skip its step), default the same gradients."""
+    from gradchain.optimizers import ChainOptimizer
+
+    shapes = [(6, 5), (7,), (4, 3)]
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    wrapped = [torch.nn.Parameter(t.clone()) for t in start]
+    alone = [torch.nn.Parameter(t.clone()) for t in start]
+    opt_wrapped, opt_alone = ChainOptimizer(wrapped, wrap(recipe)), ChainOptimizer(alone, recipe)
+    for t in range(steps):
+        grads = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+        for p, g in zip(wrapped, grads):
+            p.grad = g.clone()
+        opt_wrapped.step()
+        fed = grads if feed is None else feed(t, grads)
+        if fed is not None:
+            for p, g in zip(alone, fed):
+                p.grad = g.clone()
+            opt_alone.step()
+    return wrapped, alone
+
+
+@pytest.mark.parametrize("recipe", ["soap", "sm3", "adamw"])
+@pytest.mark.parametrize("wrapper", ["apply_if_finite", "inject_hyperparams", "multi_steps"])
+def test_wrappers_move_the_parameters_as_their_inner_recipe_alone(recipe, wrapper):
+    # apply_if_finite, inject_hyperparams (constant values) and multi_steps (fed the means)
+    # apply their inner recipe through its own into_params or unscaled form: the same numbers,
+    # bitwise, as the recipe alone
+    from gradchain import chains
+    from gradchain.chains import apply_if_finite, inject_hyperparams, multi_steps
+
+    factories = {"soap": (chains.soap, dict(learning_rate=0.01, precondition_frequency=2)),
+                 "sm3": (chains.sm3, dict(learning_rate=0.1, momentum=0.9)),
+                 "adamw": (chains.adamw, dict(learning_rate=0.01, weight_decay=0.1))}
+    factory, options = factories[recipe]
+    feed, wrap = None, {"apply_if_finite": apply_if_finite,
+                        "inject_hyperparams": lambda tx: inject_hyperparams(factory)(**options),
+                        "multi_steps": lambda tx: multi_steps(tx, 2)}[wrapper]
+    if wrapper == "multi_steps":
+        previous = []
+
+        def feed(t, grads):
+            if t % 2 == 0:
+                previous[:] = grads
+                return None
+            return [(torch.zeros_like(a) + a + b) / 2 for a, b in zip(previous, grads)]
+
+    assert wrap(factory(**options)).into_params is not None
+    wrapped, alone = _wrapped_against_alone(wrap, factory(**options), feed)
+    assert all(torch.equal(p, q) for p, q in zip(wrapped, alone))
+
+
+def test_apply_if_finite_into_params_skips_a_non_finite_step():
+    from gradchain.chains import apply_if_finite
+
+    tx = apply_if_finite(scale_by_sm3())
+    x = [torch.ones(3, 2, dtype=torch.float64)]
+    state = tx.init(x)
+    state = tx.into_params([torch.full((3, 2), math.nan, dtype=torch.float64)], state, x,
+                           -0.1, 0.0)
+    assert torch.equal(x[0], torch.ones(3, 2, dtype=torch.float64))
+    assert (state.consecutive_skips, state.total_skips) == (1, 1)
+    state = tx.into_params([torch.ones(3, 2, dtype=torch.float64)], state, x, -0.1, 0.0)
+    assert state.consecutive_skips == 0 and not torch.equal(x[0], torch.ones(3, 2))
