@@ -266,15 +266,33 @@ def _eigenbasis(gram: Tensor) -> Tensor | None:
     return None
 
 
-def _orthonormal(a: Tensor) -> Tensor:
+def _orthonormal(a: Tensor, work: tuple[Tensor, Tensor, Tensor]) -> Tensor:
     """Q of the QR decomposition of the square ``a`` (Householder, as ``torch.linalg.qr``; R,
-    which a refresh does not use, is not formed)."""
-    reflectors, tau = torch.geqrf(a)
-    return torch.linalg.householder_product(reflectors, tau)
+    which a refresh does not use, is not formed), computed in ``work`` (``_square_buffers``:
+    the reflectors, their scales and Q) and returned in its last buffer."""
+    reflectors, tau, q = work
+    torch.geqrf(a, out=(reflectors, tau))
+    return torch.linalg.householder_product(reflectors, tau, out=q)
+
+
+def _square_buffers(cache: dict[tuple[Any, ...], tuple[Tensor, ...]], gram: Tensor, axis: int
+                    ) -> tuple[Tensor, ...]:
+    """Five buffers for the refresh of the basis of ``gram`` along ``axis``, kept in ``cache``
+    for the other leaves of a refresh: (L Q)^T and its rows in eigenvalue order (row-major),
+    geqrf's reflectors, their scales, and the new basis (column-major, as LAPACK writes them).
+    Keyed by axis too, so that a leaf's new bases coexist until its first moment has moved."""
+    key = (gram.shape[0], gram.dtype, gram.device, axis)
+    if key not in cache:
+        d, options = gram.shape[0], dict(dtype=gram.dtype, device=gram.device)
+        cache[key] = (torch.empty(d, d, **options), torch.empty(d, d, **options),
+                      torch.empty(d, d, **options).T, torch.empty(d, **options),
+                      torch.empty(d, d, **options).T)
+    return cache[key]
 
 
 def _refresh(grams: Matrices, basis: Matrices, nu: Tensor, mu: Tensor | None,
-             buffers: tuple[Tensor, Tensor] | None = None) -> None:
+             buffers: tuple[Tensor, Tensor] | None,
+             squares: dict[tuple[Any, ...], tuple[Tensor, ...]]) -> None:
     """One power-iteration step and a QR per preconditioned axis, in place (§5.7 step 9).
 
     The columns of :math:`Q_a` are first sorted by the estimated eigenvalues
@@ -288,7 +306,8 @@ def _refresh(grams: Matrices, basis: Matrices, nu: Tensor, mu: Tensor | None,
     (:math:`2d_a^3` for R against :math:`2\\,\\mathrm{numel}\\,d_a` for the extra product).
     An axis whose Gram matrix is not finite keeps its basis (with a warning), so an overflow never
     reaches the parameters. For a matrix, ``buffers`` (two flat tensors of at least its size)
-    hold the permuted ``nu`` and ``mu`` on its way (otherwise they are allocated).
+    hold the permuted ``nu`` and ``mu`` on its way (None: allocated); the d x d products and the
+    QR are computed in ``squares`` (``_square_buffers``), shared by the leaves of a refresh.
     """
     if not _rotates(basis):
         return
@@ -298,8 +317,10 @@ def _refresh(grams: Matrices, basis: Matrices, nu: Tensor, mu: Tensor | None,
             fresh.append(None)
             continue
         _symmetrize_(gram)
-        power_t = q.T @ gram  # (L_a Q_a)^T: its rows are gathered fast, and geqrf reads its
-        # transpose without the copy into column-major order that a row-major matrix needs
+        power_t, ordered, *work = _square_buffers(squares, gram, axis)
+        torch.mm(q.T, gram, out=power_t)  # (L_a Q_a)^T: its rows are gathered fast, and geqrf
+        # reads their transpose without the copy into column-major order that a row-major
+        # matrix needs
         if not bool(power_t.sum().isfinite()):  # a NaN or an infinity (or a sum that overflows)
             warnings.warn("soap_precondition: a Gram matrix is not finite (overflow?); keeping "
                           "its eigenbasis", RuntimeWarning, stacklevel=_caller_stacklevel())
@@ -308,7 +329,8 @@ def _refresh(grams: Matrices, basis: Matrices, nu: Tensor, mu: Tensor | None,
         order = torch.argsort(torch.linalg.vecdot(q.T, power_t), descending=True)
         permuted = None if buffers is None else buffers[0][:nu.numel()].view(nu.shape)
         nu.copy_(torch.index_select(nu, axis, order, out=permuted))
-        fresh.append(_orthonormal(power_t.index_select(0, order).T))
+        fresh.append(_orthonormal(torch.index_select(power_t, 0, order, out=ordered).T,
+                                  tuple(work)))
     if mu is not None:
         one_product = [f is not None and f.shape[0] ** 2 < mu.numel() for f in fresh]
         old = tuple(None if f is None or r else q for q, f, r in zip(basis, fresh, one_product))
@@ -582,9 +604,10 @@ def soap_precondition(b1: Hyper = 0.9, b2: Hyper = 0.95, shampoo_beta: Hyper | N
                               if nu.dim() == 2 and _rotates(basis)])
         out = step(u, state, second_moment_decay(b2, extras), k, buffers, into) if u else []
         if due:
+            squares: dict[tuple[Any, ...], tuple[Tensor, ...]] = {}
             for grams, basis, nu, mu in zip(state.gram, state.basis, state.nu, state.mu):
                 _refresh(grams, basis, nu, mu,
-                         buffers.get((nu.dtype, nu.device)) if nu.dim() == 2 else None)
+                         buffers.get((nu.dtype, nu.device)) if nu.dim() == 2 else None, squares)
         return out, state._replace(count=k + 1, refresh_accumulator=accumulator)
 
     # Eager under torch.compile: inductor would hand the matrix products to the same BLAS,
