@@ -535,10 +535,10 @@ def soap_precondition(b1: Hyper = 0.9, b2: Hyper = 0.95, shampoo_beta: Hyper | N
         Rotated matrices go one at a time through ``buffers`` (``_workspace``: two per dtype
         and device, shared by all of them: the projections, the moments' quotient, the
         products back), so that a step allocates only its outputs, each fresh tensor being
-        faulted into memory. With ``into`` = (params,
-        a, b) their outputs are not allocated either: each is added to its parameter,
-        :math:`x \\leftarrow x + b\\,x + a\\,o`, and its place in the result is None. The
-        other leaves (vectors: plain Adam) go together through foreach ops."""
+        faulted into memory. With ``into`` = (params, a, b) their outputs are not allocated
+        either: each is added to its parameter, :math:`x \\leftarrow x + b\\,x + a\\,o`, and
+        its place in the result is None. The other leaves (vectors: plain Adam) go together
+        through foreach ops."""
         beta1, beta2, scale = decays(decay2, k - 1)
         flat = [g.reshape(nu.shape).to(nu.dtype) for g, nu in zip(u, state.nu)]
         one_by_one = [i for i, (g, basis) in enumerate(zip(flat, state.basis))
