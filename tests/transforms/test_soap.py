@@ -578,10 +578,11 @@ def test_outputs_are_fresh_and_the_input_is_untouched():
 @pytest.mark.parametrize("tensors", [False, True])
 def test_into_params_adds_the_outputs_with_the_same_numbers(options, tensors):
     # every kind of leaf: matrices rotated on both axes, on the first or the last only (the
-    # other above max_precond_dim), a rank-3 leaf, vectors, a scalar and an empty leaf; over
-    # the initialising call, refreshes and a skipped step; x <- x + b x + a o against update()
-    # and that addition, with a and b numbers or 0-d tensors (learning rates as tensors)
-    shapes = [(6, 5), (30, 4), (4, 30), (3, 4, 25), (7,), (), (0, 3), (5, 6)]
+    # other above max_precond_dim), a 4-d leaf merged into a matrix, a rank-3 leaf, vectors, a
+    # scalar and an empty leaf; over the initialising call, refreshes and a skipped step;
+    # x <- x + b x + a o against update() and that addition, with a and b numbers or 0-d
+    # tensors (learning rates as tensors)
+    shapes = [(6, 5), (30, 4), (4, 30), (4, 3, 2, 2), (3, 4, 25), (7,), (), (0, 3), (5, 6)]
     tx = soap_precondition(precondition_frequency=2, max_precond_dim=12, **options)
     a, b = (torch.tensor(-0.1, dtype=F64), torch.tensor(-0.01, dtype=F64)) if tensors else \
         (-0.1, -0.01)
