@@ -366,3 +366,61 @@ def test_pieces_give_the_whole_parameter_result(store_delta, monkeypatch):
     for pieces, whole in zip(run(7), run(1 << 30)):
         torch.testing.assert_close(pieces, whole, rtol=1e-12, atol=1e-14)
         assert not torch.equal(pieces, torch.zeros_like(pieces))
+
+
+# ----------------------------------------------------------------------------------------------
+# keep_copy: the copy of the parameters kept between steps
+
+
+def _scripted(opt, params, steps, seed=5):
+    """Steps on scripted gradients; the last parameter gets none on odd steps."""
+    gen = torch.Generator().manual_seed(seed)
+    for t in range(steps):
+        for i, p in enumerate(params):
+            p.grad = None if (i == len(params) - 1 and t % 2) else \
+                torch.randn(p.shape, generator=gen)
+        opt.step()
+
+
+def test_keep_copy_gives_the_same_numbers_and_copies_start_without_its_buffers():
+    import copy
+
+    def run(keep_copy):
+        params = [torch.nn.Parameter(t) for t in
+                  (torch.ones(64, 32), torch.full((32,), 0.5), torch.zeros(5))]
+        opt = mechanize(torch.optim.AdamW, keep_copy=keep_copy)(params[:2], lr=1.0,
+                                                                 weight_decay=0.1)
+        _scripted(opt, params[:2], 3)
+        opt.add_param_group({"params": [params[2]], "lr": 0.5})
+        _scripted(opt, params, 4)
+        return params, opt
+
+    (plain, _), (kept, opt) = run(False), run(True)
+    assert all(torch.equal(p, q) for p, q in zip(plain, kept))
+    assert sorted(opt._kept) == [0, 1, 2]
+    twin = copy.deepcopy(opt)  # no shared buffer: the copy makes its own, and continues alike
+    assert twin._kept is None
+    twin_params = [p for group in twin.param_groups for p in group["params"]]
+    _scripted(opt, kept, 2, seed=9)
+    _scripted(twin, twin_params, 2, seed=9)
+    assert all(torch.equal(p, q) for p, q in zip(kept, twin_params))
+
+
+@pytest.mark.parametrize("keep_copy", [False, True])
+def test_a_step_allocates_the_copy_of_the_parameters_unless_it_is_kept(keep_copy):
+    from torch.profiler import profile
+
+    param = torch.nn.Parameter(torch.ones(64, 32))  # 8192 bytes; SGD itself allocates nothing
+    opt = mechanize(torch.optim.SGD, keep_copy=keep_copy)([param], lr=1.0)
+    _scripted(opt, [param], 2)
+    param.grad = torch.ones_like(param)
+    with profile(profile_memory=True) as profiler:
+        opt.step()
+    copies = [event.name for event in profiler.events()
+              if event.name.startswith("aten::") and event.cpu_memory_usage == 64 * 32 * 4]
+    assert (copies == []) if keep_copy else ("aten::empty_like" in copies)
+
+
+def test_keep_copy_must_be_a_bool():
+    with pytest.raises(ValueError, match="keep_copy"):
+        mechanize(torch.optim.SGD, keep_copy="yes")
