@@ -547,17 +547,18 @@ def test_wrappers_move_the_parameters_as_their_inner_recipe_alone(recipe, wrappe
                  "sm3": (chains.sm3, dict(learning_rate=0.1, momentum=0.9)),
                  "adamw": (chains.adamw, dict(learning_rate=0.01, weight_decay=0.1))}
     factory, options = factories[recipe]
-    feed, wrap = None, {"apply_if_finite": apply_if_finite,
-                        "inject_hyperparams": lambda tx: inject_hyperparams(factory)(**options),
-                        "multi_steps": lambda tx: multi_steps(tx, 2)}[wrapper]
-    if wrapper == "multi_steps":
-        previous = []
+    wrap = {"apply_if_finite": apply_if_finite,
+            "inject_hyperparams": lambda tx: inject_hyperparams(factory)(**options),
+            "multi_steps": lambda tx: multi_steps(tx, 2)}[wrapper]
+    previous = []
 
-        def feed(t, grads):
-            if t % 2 == 0:
-                previous[:] = grads
-                return None
-            return [(torch.zeros_like(a) + a + b) / 2 for a, b in zip(previous, grads)]
+    def means_of_two(t, grads):  # what multi_steps(., 2) hands its inner recipe
+        if t % 2 == 0:
+            previous[:] = grads
+            return None
+        return [(torch.zeros_like(a) + a + b) / 2 for a, b in zip(previous, grads)]
+
+    feed = means_of_two if wrapper == "multi_steps" else None
 
     assert wrap(factory(**options)).into_params is not None
     wrapped, alone = _wrapped_against_alone(wrap, factory(**options), feed)
