@@ -297,8 +297,9 @@ def masked(inner: GradientTransformation, mask: Selector) -> GradientTransformat
     def into_params(updates: Tree, state, params: Tree, a: Any, b: Any, **extras: Any):
         index = chosen(updates, params)
         state = _run_into(inner, index, updates, state, params, a, b, extras)
-        rest = sorted(set(range(len(leaves(updates)))) - set(index))
-        add_scaled_([leaves(params)[i] for i in rest], [leaves(updates)[i] for i in rest], a, b)
+        x, u, selected = leaves(params), leaves(updates), set(index)
+        rest = [i for i in range(len(u)) if i not in selected]
+        add_scaled_([x[i] for i in rest], [u[i] for i in rest], a, b)
         return state
 
     return GradientTransformation(init, update, terminal=inner.terminal, leafwise=inner.leafwise,

@@ -167,12 +167,14 @@ class Mechanized:
         """A buffer for the copy of parameter ``index`` before the base step: a new one, or
         with ``keep_copy`` the one kept from the steps before (made anew if the parameter
         changed shape, dtype or device)."""
-        buffer = None if self._kept is None else self._kept.get(index)
+        buffer = (self._kept or {}).get(index)
         if buffer is None or buffer.shape != param.shape or buffer.device != param.device or \
                 buffer.dtype != state_dtype(param):
             buffer = torch.empty_like(param, dtype=state_dtype(param))
             if self._keep_copy:
-                self._kept = {**(self._kept or {}), index: buffer}
+                if self._kept is None:
+                    self._kept = {}
+                self._kept[index] = buffer
         return buffer
 
     def _all_params(self) -> list[Tensor]:
@@ -285,15 +287,14 @@ def _mechanized_class(optimizer_class: type[torch.optim.Optimizer],
                       options: tuple[tuple[str, Any], ...]) -> type:
     """The class of ``mechanize(optimizer_class, **dict(options))``, one per arguments (so that
     copies of an optimizer share its class)."""
-    keep_copy = dict(options)["keep_copy"]
-    rule = mechanic_rule(**{k: v for k, v in options if k != "keep_copy"})
+    arguments = dict(options)
+    rule = mechanic_rule(**{k: v for k, v in arguments.items() if k != "keep_copy"})
     name = f"Mechanized{optimizer_class.__name__}"
-    variant = dict(options)["variant"]
     doc = (f"``{optimizer_class.__name__}`` under Mechanic's learned scale "
-           f"(``gradchain.optimizers.mechanic.mechanize``, variant {variant!r}).")
+           f"(``gradchain.optimizers.mechanic.mechanize``, variant {arguments['variant']!r}).")
     return type(name, (Mechanized, optimizer_class),
-                {"_rule": rule, "_keep_copy": keep_copy,
-                 "_mechanize": (optimizer_class, dict(options)), "__doc__": doc,
+                {"_rule": rule, "_keep_copy": arguments["keep_copy"],
+                 "_mechanize": (optimizer_class, arguments), "__doc__": doc,
                  "__module__": __name__, "__qualname__": name})
 
 
