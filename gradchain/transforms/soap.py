@@ -63,9 +63,10 @@ class SoapState(NamedTuple):
 
     ``count``: calls so far that were not skipped (the first one only initialises).
     ``refresh_accumulator``: :math:`\\sum_j 1/f(j)` for a refresh schedule (0 for a constant
-    frequency). Per parameter, in its merged shape (``merged_shape``): ``mu``, the first moment
-    in the rotated basis (``None`` when ``b1 == 0``), and ``nu``, the second moment in the
-    rotated basis; ``gram`` and ``basis``, one entry per merged axis: the Gram EMA
+    frequency). ``mu_rotated``: whether ``mu`` is in the rotated basis (True) or in the
+    parameters' (False) at the next update (``rotated_first_moment``). Per parameter, in its
+    merged shape (``merged_shape``): ``mu``, the first moment (``None`` when ``b1 == 0``), and
+    ``nu``, the second moment in the rotated basis; ``gram`` and ``basis``, one entry per merged axis: the Gram EMA
     :math:`L_a` and the basis :math:`Q_a` (both :math:`d_a \\times d_a`), or ``None`` for an axis
     that is not preconditioned. :math:`L_a` is symmetric; between refreshes only its lower
     triangle is kept current (each refresh, which alone reads it, mirrors it onto the upper one),
@@ -80,6 +81,7 @@ class SoapState(NamedTuple):
 
     count: int
     refresh_accumulator: float
+    mu_rotated: bool
     mu: list[Tensor | None]
     nu: list[Tensor]
     gram: list[Matrices]
@@ -170,6 +172,20 @@ def refresh_due(frequency: Frequency, k: int, accumulator: float) -> tuple[bool,
     return k % frequency == 0, accumulator
 
 
+#: The refresh interval, in updates, from which m is kept in the rotated basis. Moving m into a
+#: new basis costs about two projections (back through the old basis, forward through the new
+#: one), keeping it in the parameters' basis one projection per update (P(m) at every step): the
+#: rotated basis pays when the bases change at most every other update.
+_ROTATED_MU_INTERVAL = 2.0
+
+
+def _rotated_first_moment(frequency: Frequency, k: int) -> bool:
+    """Whether the k-th real update keeps m in the rotated basis: iff the refresh interval
+    f(k) is at least ``_ROTATED_MU_INTERVAL`` (always for a constant frequency >= 2, never for
+    1; ``precond_schedule()`` from k = 1000 on)."""
+    return (frequency(k) if callable(frequency) else frequency) >= _ROTATED_MU_INTERVAL
+
+
 # ----------------------------------------------------------------------------------------------
 # Linear algebra of one leaf
 
@@ -197,6 +213,20 @@ def _project_matrix(x: Tensor, basis: Matrices, back: bool = False,
     if right is not None:
         x = torch.mm(x, right.T if back else right, out=out)
     return x
+
+
+def _change_basis_(x: Tensor, basis: Matrices, back: bool,
+                   buffers: tuple[Tensor, Tensor] | None) -> None:
+    """:math:`x \\leftarrow P(x)`, or :math:`P^{-1}(x)` with ``back``, in place; a matrix goes
+    through ``buffers`` (two flat tensors of at least its size; None: allocated)."""
+    if buffers is None or x.dim() != 2:
+        x.copy_(_project(x, basis, back))
+        return
+    middle, last = (buffer[:x.numel()].view(x.shape) for buffer in buffers)
+    moved = _project_matrix(x, basis, back, middle=middle,
+                            out=x if all(q is not None for q in basis) else last)
+    if moved is not x:
+        x.copy_(moved)
 
 
 _SYMMETRIC_BLOCK = 128  # up to this many rows a Gram block is one plain product (128 measured
@@ -299,7 +329,7 @@ def _refresh(grams: Matrices, basis: Matrices, nu: Tensor, mu: Tensor | None,
     :math:`\\mathrm{diag}(Q_a^\\top L_a Q_a)` (column-wise), descending, and ``nu`` is permuted
     along axis a by the same order; then :math:`Q_a \\leftarrow \\mathrm{QR}(L_a Q_a).Q`.
 
-    ``mu`` lives in the rotated basis and moves to the new one,
+    ``mu`` (given when m is kept in the rotated basis) moves to the new one,
     :math:`m \\leftarrow P_{new}(P_{old}^{-1}(m))`. Per axis that is
     :math:`m \\times_a Q_{a,old}^\\top \\times_a Q_{a,new}`, or one product with
     :math:`R_a = Q_{a,old}^\\top Q_{a,new}`, cheaper when :math:`d_a^2 <` numel
@@ -397,9 +427,14 @@ def soap_precondition(b1: Hyper = 0.9, b2: Hyper = 0.95, shampoo_beta: Hyper | N
     :math:`Q_a` are sorted by :math:`\mathrm{diag}(Q_a^\top L_a Q_a)`, descending, v is
     permuted along axis a alike, and :math:`Q_a \leftarrow \mathrm{QR}(L_a Q_a).Q`.
 
-    m is kept in the rotated basis (the original SOAP's later form): a step costs two
-    projections (G forward, the update back) and the Gram update; a refresh also moves m into
-    the new basis. Cost per step :math:`O(n \sum_a d_a)` for n entries, per refresh
+    m is kept in the rotated basis (the original SOAP's later form) while the refresh interval
+    is at least 2 updates: a step costs two projections (G forward, the update back) and the
+    Gram update; a refresh also moves m into the new basis (about two projections more). When
+    the bases are refreshed more often (``precondition_frequency=1``, ``precond_schedule()``
+    before update 1000), m stays in the parameters' basis, :math:`m \leftarrow \hat\beta_1 m
+    + (1-\hat\beta_1) G_k` and :math:`o = P^{-1}(P(m)/\max(\sqrt v, \epsilon))`: a third
+    projection per step, none at a refresh. Both are the same update in exact arithmetic
+    (§5.7 step 4); m changes basis when the interval crosses 2. Cost per step :math:`O(n \sum_a d_a)` for n entries, per refresh
     :math:`O(\sum_a d_a^3)`; memory :math:`2n + 2\sum_a d_a^2` (n less when ``b1 = 0``, which
     keeps no first moment and divides :math:`G'` itself).
 
@@ -484,7 +519,8 @@ def soap_precondition(b1: Hyper = 0.9, b2: Hyper = 0.95, shampoo_beta: Hyper | N
         per_leaf = [leaf_state(p) for p in leaves(params)]
         mu, nu, gram, basis = (list(field) for field in zip(*per_leaf)) if per_leaf else \
             ([], [], [], [])
-        return SoapState(0, 0.0, mu, nu, gram, basis)
+        return SoapState(0, 0.0, _rotated_first_moment(precondition_frequency, 1), mu, nu, gram,
+                         basis)
 
     def initialise(u: list[Tensor], state: SoapState) -> None:
         """The first call: exact Grams and their eigenbases."""
@@ -510,14 +546,19 @@ def soap_precondition(b1: Hyper = 0.9, b2: Hyper = 0.95, shampoo_beta: Hyper | N
         scale = math.sqrt(1.0 - decay_product(decay2, count)) / (1.0 - decay_product(b1, count))
         return resolve(b1, count), resolve(decay2, count), scale
 
-    def adam(rotated: list[Tensor], mu: list[Tensor | None], nu: list[Tensor],
-             den: list[Tensor], beta1: float, beta2: float, scale: float, count: int) -> None:
-        """Adam in the rotated basis: m and v in place, scale · m / den into ``den`` (buffers
-        of v's shapes, which may hold ``rotated`` when there is a first moment)."""
+    def moments(g: list[Tensor], rotated: list[Tensor], mu: list[Tensor | None],
+                nu: list[Tensor], in_params: bool, beta1: float, beta2: float) -> None:
+        """m (towards G in the parameters' basis with ``in_params``, else towards G') and v, in
+        place."""
         if momentum:
-            torch._foreach_lerp_(mu, rotated, 1.0 - beta1)
+            torch._foreach_lerp_(mu, g if in_params else rotated, 1.0 - beta1)
         torch._foreach_mul_(nu, beta2)
         torch._foreach_addcmul_(nu, rotated, rotated, 1.0 - beta2)
+
+    def quotient(numerators: list[Tensor], nu: list[Tensor], den: list[Tensor], scale: float,
+                 count: int) -> None:
+        """scale · numerator / den into ``den`` (buffers of v's shapes, which may hold the
+        numerators), den = max(√v, eps) or √v + eps."""
         for v, d in zip(nu, den):
             torch.sqrt(v, out=d)
         if eps_mode == "max":
@@ -526,7 +567,7 @@ def soap_precondition(b1: Hyper = 0.9, b2: Hyper = 0.95, shampoo_beta: Hyper | N
             torch._foreach_add_(den, resolve(eps, count))
         if scale != 1.0:
             torch._foreach_div_(den, scale)
-        divide_into_(mu if momentum else rotated, den)
+        divide_into_(numerators, den)
 
     def step(u: list[Tensor], state: SoapState, decay2: Hyper, k: int, buffers: Workspace,
              into: Into | None) -> list[Tensor | None]:
@@ -538,18 +579,24 @@ def soap_precondition(b1: Hyper = 0.9, b2: Hyper = 0.95, shampoo_beta: Hyper | N
         faulted into memory. With ``into`` = (params, a, b) their outputs are not allocated
         either: each is added to its parameter, :math:`x \\leftarrow x + b\\,x + a\\,o`, and
         its place in the result is None. The other leaves (vectors: plain Adam) go together
-        through foreach ops."""
+        through foreach ops. With m in the parameters' basis (``state.mu_rotated`` False), m
+        follows G and the quotient's numerator is P(m)."""
         beta1, beta2, scale = decays(decay2, k - 1)
+        in_params = momentum and not state.mu_rotated
         flat = [g.reshape(nu.shape).to(nu.dtype) for g, nu in zip(u, state.nu)]
         one_by_one = [i for i, (g, basis) in enumerate(zip(flat, state.basis))
                       if g.dim() == 2 and _rotates(basis)]
         together = sorted(set(range(len(flat))) - set(one_by_one))
         out: list[Tensor | None] = [None] * len(flat)
         for i in one_by_one:
-            g, basis = flat[i], state.basis[i]
+            g, basis, mu, nu = flat[i], state.basis[i], state.mu[i], state.nu[i]
             middle, last = (b[:g.numel()].view(g.shape) for b in buffers[g.dtype, g.device])
             rotated = _project_matrix(g, basis, middle=middle, out=last)
-            adam([rotated], [state.mu[i]], [state.nu[i]], [middle], beta1, beta2, scale, k - 1)
+            moments([g], [rotated], [mu], [nu], in_params, beta1, beta2)
+            numerator = rotated if mu is None else mu
+            if in_params:  # G' is spent: P(m) takes its buffer
+                numerator = _project_matrix(mu, basis, middle=middle, out=last)
+            quotient([numerator], [nu], [middle], scale, k - 1)
             if into is None:
                 out[i] = _project_matrix(middle, basis, back=True, middle=last)
                 continue
@@ -560,11 +607,15 @@ def soap_precondition(b1: Hyper = 0.9, b2: Hyper = 0.95, shampoo_beta: Hyper | N
             params, a, b = into
             add_scaled_([params[i]], [o.view(params[i].shape)], a, b)
         if together:
-            rotated = [_project(flat[i], state.basis[i]) if _rotates(state.basis[i]) else flat[i]
-                       for i in together]
-            den = [torch.empty_like(state.nu[i]) for i in together]
-            adam(rotated, [state.mu[i] for i in together], [state.nu[i] for i in together], den,
-                 beta1, beta2, scale, k - 1)
+            g = [flat[i] for i in together]
+            basis = [state.basis[i] for i in together]
+            rotated = [_project(x, q) if _rotates(q) else x for x, q in zip(g, basis)]
+            mu, nu = [state.mu[i] for i in together], [state.nu[i] for i in together]
+            moments(g, rotated, mu, nu, in_params, beta1, beta2)
+            numerators = rotated if not momentum else \
+                [_project(m, q) if in_params and _rotates(q) else m for m, q in zip(mu, basis)]
+            den = [torch.empty_like(v) for v in nu]
+            quotient(numerators, nu, den, scale, k - 1)
             for i, d in zip(together, den):
                 out[i] = _project(d, state.basis[i], back=True) if _rotates(state.basis[i]) \
                     else d
@@ -603,12 +654,26 @@ def soap_precondition(b1: Hyper = 0.9, b2: Hyper = 0.95, shampoo_beta: Hyper | N
         buffers = _workspace([nu for nu, basis in zip(state.nu, state.basis)
                               if nu.dim() == 2 and _rotates(basis)])
         out = step(u, state, second_moment_decay(b2, extras), k, buffers, into) if u else []
+        rotated = state.mu_rotated
+        rotated_next = _rotated_first_moment(precondition_frequency, k + 1)
+        if momentum and rotated and not rotated_next:
+            move_first_moments(state, buffers, back=True)
         if due:
             squares: dict[tuple[Any, ...], tuple[Tensor, ...]] = {}
             for grams, basis, nu, mu in zip(state.gram, state.basis, state.nu, state.mu):
-                _refresh(grams, basis, nu, mu,
+                _refresh(grams, basis, nu, mu if rotated and rotated_next else None,
                          buffers.get((nu.dtype, nu.device)) if nu.dim() == 2 else None, squares)
-        return out, state._replace(count=k + 1, refresh_accumulator=accumulator)
+        if momentum and rotated_next and not rotated:
+            move_first_moments(state, buffers, back=False)
+        return out, state._replace(count=k + 1, refresh_accumulator=accumulator,
+                                   mu_rotated=rotated_next)
+
+    def move_first_moments(state: SoapState, buffers: Workspace, back: bool) -> None:
+        """m of every rotated leaf into the rotated basis, or back to the parameters' one."""
+        for mu, basis in zip(state.mu, state.basis):
+            if mu is not None and _rotates(basis):
+                _change_basis_(mu, basis, back,
+                               buffers.get((mu.dtype, mu.device)) if mu.dim() == 2 else None)
 
     # Eager under torch.compile: inductor would hand the matrix products to the same BLAS,
     # while tracing them leaf by leaf, with the per-step decays and the refresh schedule as

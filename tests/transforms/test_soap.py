@@ -63,8 +63,10 @@ def gram(x, axis):
 
 def reference_soap(grads, b1=0.9, b2=0.95, eps=1e-8, shampoo_beta=None, frequency=2,
                    debias="inplace", eps_mode="max"):
-    """SOAP on a tensor whose every axis is preconditioned, from the spec's equations."""
+    """SOAP on a tensor whose every axis is preconditioned, from the spec's equations; a
+    callable ``frequency`` is an interval f(k), refreshing when sum 1/f(j) crosses an integer."""
     axes = range(grads[0].dim())
+    accumulator = 0.0
     grams = [gram(grads[0], a) for a in axes]
     bases = [torch.linalg.eigh(L).eigenvectors.flip(-1) for L in grams]
     m, v = torch.zeros_like(grads[0]), torch.zeros_like(grads[0])
@@ -89,7 +91,12 @@ def reference_soap(grads, b1=0.9, b2=0.95, eps=1e-8, shampoo_beta=None, frequenc
         outs.append(scale * project(project(m) / den, back=True))
         decay = beta2 if shampoo_beta is None else shampoo_beta
         grams = [decay * L + (1 - decay) * gram(g, a) for a, L in zip(axes, grams)]
-        if k % frequency == 0:
+        if callable(frequency):
+            due = math.floor(accumulator + 1 / frequency(k)) > math.floor(accumulator)
+            accumulator += 1 / frequency(k)
+        else:
+            due = k % frequency == 0
+        if due:
             for a in axes:
                 order = torch.argsort(torch.diag(bases[a].T @ grams[a] @ bases[a]),
                                       descending=True)
@@ -110,8 +117,15 @@ def inplace_adam(grads, b1=0.9, b2=0.95, eps=1e-8):
     return outs
 
 
+def crossing_interval(k):
+    """Refresh intervals below and above 2, so that m changes basis both ways: every update
+    for k <= 3 and 8 <= k <= 9, every third for 4 <= k <= 7, every other after."""
+    return 1.0 if k <= 3 or 8 <= k <= 9 else 3.0 if k <= 7 else 2.0
+
+
 REFERENCE_CASES = {
     "defaults": dict(),
+    "interval_crossing_two": dict(frequency=crossing_interval),
     "frequency_3": dict(frequency=3, b1=0.8, b2=0.99),
     "every_step_shampoo_beta": dict(frequency=1, shampoo_beta=0.7),
     "adam_debias_add_eps": dict(debias="adam", eps_mode="add", eps=1e-3),
@@ -342,6 +356,33 @@ def test_scheduled_refreshes_happen_when_the_accumulator_crosses_an_integer():
     assert state.refresh_accumulator == 4.0
 
 
+@pytest.mark.parametrize("shape, options", [((4, 3), {}), ((3, 4, 5), dict(merge_dims=False)),
+                                            ((40, 3), dict(max_precond_dim=8))],
+                         ids=["matrix", "rank3", "one_axis"])
+def test_first_moment_is_kept_where_the_refresh_interval_makes_it_cheaper(shape, options):
+    # m lies in the parameters' basis while the bases are refreshed at every update (the
+    # debiased EMA of the raw gradients), and in the rotated basis (P of that EMA) from an
+    # interval of 2 on
+    grads = gradients(shape, 12, seed=21)
+    tx = soap_precondition(precondition_frequency=crossing_interval, **options)
+    state = tx.init([torch.zeros(shape, dtype=F64)])
+    m, placement = torch.zeros(shape, dtype=F64), []
+    for k, g in enumerate(grads):
+        _, state = tx.update([g.clone()], state)
+        if k:
+            beta1 = 1 - 0.1 / (1 - 0.9 ** k)
+            m = beta1 * m + (1 - beta1) * g
+        expected = m
+        if state.mu_rotated:
+            for axis, q in enumerate(state.basis[0]):
+                if q is not None:
+                    expected = mode_product(expected, q, axis)
+        torch.testing.assert_close(state.mu[0], expected, rtol=1e-10, atol=1e-12)
+        placement.append(state.mu_rotated)
+    # the basis of m at the next update: interval f(k + 1) >= 2
+    assert placement == [False] * 3 + [True] * 4 + [False] * 2 + [True] * 3
+
+
 def test_refresh_orders_columns_by_column_wise_eigenvalue_estimates():
     """diag(QᵀLQ) (column-wise), not HeavyBall 0.8's row sums diag(L): both Q and v follow it,
     v along the preconditioned (second) axis."""
@@ -550,7 +591,7 @@ def test_state_round_trips_through_flatten_and_unflatten():
     per_param, group = flatten_state(state, 2)
     assert set(per_param[0]) == {"mu", "nu", "gram.0", "gram.1", "basis.0", "basis.1"}
     assert set(per_param[1]) == {"mu", "nu"}
-    assert set(group) == {"count", "refresh_accumulator"}
+    assert set(group) == {"count", "refresh_accumulator", "mu_rotated"}
     restored = unflatten_state(tx.init(params), per_param, group)
     a, _ = tx.update([g.clone() for g in steps[0]], state)
     b, _ = tx.update([g.clone() for g in steps[0]], restored)
@@ -574,7 +615,9 @@ def test_outputs_are_fresh_and_the_input_is_untouched():
 
 
 @pytest.mark.parametrize("options", [dict(), dict(b1=0.0), dict(normalize_grads=True),
-                                     dict(eps_mode="add", debias="adam")])
+                                     dict(eps_mode="add", debias="adam"),
+                                     dict(precondition_frequency=1),
+                                     dict(precondition_frequency=crossing_interval)])
 @pytest.mark.parametrize("tensors", [False, True])
 def test_into_params_adds_the_outputs_with_the_same_numbers(options, tensors):
     # every kind of leaf: matrices rotated on both axes, on the first or the last only (the
@@ -583,7 +626,7 @@ def test_into_params_adds_the_outputs_with_the_same_numbers(options, tensors):
     # x <- x + b x + a o against update() and that addition, with a and b numbers or 0-d
     # tensors (learning rates as tensors)
     shapes = [(6, 5), (30, 4), (4, 30), (4, 3, 2, 2), (3, 4, 25), (7,), (), (0, 3), (5, 6)]
-    tx = soap_precondition(precondition_frequency=2, max_precond_dim=12, **options)
+    tx = soap_precondition(**{"precondition_frequency": 2, "max_precond_dim": 12, **options})
     a, b = (torch.tensor(-0.1, dtype=F64), torch.tensor(-0.01, dtype=F64)) if tensors else \
         (-0.1, -0.01)
     x_a = [randn(*s, seed=k) for k, s in enumerate(shapes)]
