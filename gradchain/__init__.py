@@ -30,7 +30,8 @@ def mechanize(base: Any, **options: Any) -> Any:
     ``options`` are Mechanic's: ``s_decay`` (0.01), ``betas`` (0.9 ... 0.999999), ``s_init``
     (1e-6 for the default ``variant="optax"``, 1e-8 for ``"pytorch"``), ``eps`` (1e-8),
     ``store_delta`` (False) and ``variant``; for a class also ``keep_copy`` (False; True keeps
-    the copy of the parameters between steps, a second parameter-sized buffer, for speed).
+    the copy of the parameters between steps, a second parameter-sized buffer, for speed),
+    which a transform or a recipe refuses with a TypeError.
 
     Example:
         >>> model = torch.nn.Linear(4, 1)

@@ -17,8 +17,8 @@ Recipe = Callable[..., GradientTransformation]
 
 def mechanize(base: GradientTransformation | Recipe, *, s_decay: float = 0.01,
               betas: Sequence[float] = DEFAULT_BETAS, s_init: float | None = None,
-              eps: float = 1e-8, store_delta: bool = False, variant: str = "optax"
-              ) -> GradientTransformation | Recipe:
+              eps: float = 1e-8, store_delta: bool = False, variant: str = "optax",
+              keep_copy: None = None) -> GradientTransformation | Recipe:
     r"""``base`` followed by ``mechanic_scale``, which learns the scale S of its steps.
 
     .. math::  x_{t+1} = x_{ref} + S_{t+1} \sum_{i \le t} u_i, \qquad
@@ -40,6 +40,8 @@ def mechanize(base: GradientTransformation | Recipe, *, s_decay: float = 0.01,
     base must not be terminal (Mechanic must be last, and acts on a base step that already
     holds the learning rate). Under ``ChainOptimizer`` every param group learns its own
     scale; ``optimizers.mechanic.mechanize`` shares one over all groups, as the paper does.
+    ``keep_copy``, an option of ``optimizers.mechanic.mechanize`` only, raises a TypeError
+    when given: ``mechanic_scale`` reads the parameters itself and keeps no copy of them.
 
     Example:
         >>> from gradchain.chains import adamw
@@ -49,6 +51,12 @@ def mechanize(base: GradientTransformation | Recipe, *, s_decay: float = 0.01,
         >>> recipe.__name__, recipe(learning_rate=1.0, mechanic_eps=1e-8).terminal
         ('mechanize_adamw', True)
     """
+    if keep_copy is not None:
+        raise TypeError("keep_copy is an option of mechanized optimizer classes only (it keeps "
+                        "their copy of the parameters between steps); a transform's or a "
+                        "recipe's mechanic_scale reads the parameters itself and keeps no copy "
+                        "between steps: drop keep_copy, or mechanize a torch.optim.Optimizer "
+                        "class (gradchain.mechanize(torch.optim.AdamW, keep_copy=True))")
     options = dict(s_decay=s_decay, betas=betas, s_init=s_init, eps=eps,
                    store_delta=store_delta, variant=variant)
     mechanic_scale(**options)  # validates the options now

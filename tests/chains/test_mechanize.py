@@ -109,6 +109,20 @@ def test_options_are_validated_at_once_and_non_transforms_refused():
         mechanize(0.1)
 
 
+@pytest.mark.parametrize("keep_copy", [True, False])
+def test_keep_copy_is_refused_for_a_transform_or_a_recipe_with_the_fix(keep_copy):
+    import gradchain
+    from gradchain.optimizers import Mechanized
+
+    for entry in (mechanize, gradchain.mechanize):
+        for base in (adamw, chain(scale_by_adam(), scale_by_learning_rate(1.0))):
+            with pytest.raises(TypeError, match="keep_copy is an option of mechanized optimizer "
+                               "classes only.*keeps no copy.*drop keep_copy, or mechanize a "
+                               "torch.optim.Optimizer class"):
+                entry(base, keep_copy=keep_copy)
+    assert issubclass(gradchain.mechanize(torch.optim.SGD, keep_copy=keep_copy), Mechanized)
+
+
 def test_top_level_mechanize_dispatches_on_what_it_is_given():
     import gradchain
     from gradchain.optimizers import SOAP, Mechanized

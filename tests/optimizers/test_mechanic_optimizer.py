@@ -368,6 +368,44 @@ def test_pieces_give_the_whole_parameter_result(store_delta, monkeypatch):
         assert not torch.equal(pieces, torch.zeros_like(pieces))
 
 
+@pytest.mark.parametrize("store_delta", [False, True])
+def test_temporaries_are_sized_to_the_largest_piece_and_grow_for_a_larger_one(store_delta,
+                                                                             monkeypatch):
+    """The reused temporaries are as large as the largest piece of the step (not a whole
+    piece's 2^18 elements for tiny parameters); a param group added later with larger pieces
+    replaces them, and the numbers are those of temporaries allocated afresh every time."""
+    import gradchain.optimizers.mechanic as mechanic_module
+
+    monkeypatch.setattr(mechanic_module, "_PIECE_ELEMENTS", 64)
+    temporary = mechanic_module._temporary
+
+    def run(reuse: bool) -> tuple[list[torch.Tensor], list[int]]:
+        scratches: list[dict] = []
+
+        def recorded(scratch, like, slot):
+            scratches.append(scratch)
+            return temporary(scratch, like, slot) if reuse else None
+
+        monkeypatch.setattr(mechanic_module, "_temporary", recorded)
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(*shape, generator=gen))
+                  for shape in ((3, 4), (5,), (20, 10))]  # 12, 5, then 64 + 64 + 64 + 8
+        opt = mechanize(torch.optim.AdamW, store_delta=store_delta)(params[:2], lr=0.1)
+        largest = []
+        for t in range(6):
+            if t == 3:
+                opt.add_param_group({"params": [params[2]], "lr": 0.05})
+            scratches.clear()
+            _scripted(opt, [p for g in opt.param_groups for p in g["params"]], 1, seed=t)
+            largest.append(max((b.numel() for s in scratches for b in s.values()), default=0))
+        return [p.detach().clone() for p in params] + [torch.tensor(opt.scale)], largest
+
+    reused, largest = run(True)
+    fresh, _ = run(False)
+    assert largest == [12] * 3 + [64] * 3
+    assert all(torch.equal(a, b) for a, b in zip(reused, fresh))
+
+
 # ----------------------------------------------------------------------------------------------
 # keep_copy: the copy of the parameters kept between steps
 
@@ -410,14 +448,16 @@ def test_keep_copy_gives_the_same_numbers_and_copies_start_without_its_buffers()
 def test_a_step_allocates_the_copy_of_the_parameters_unless_it_is_kept(keep_copy):
     from torch.profiler import profile
 
-    param = torch.nn.Parameter(torch.ones(64, 32))  # 8192 bytes; SGD itself allocates nothing
+    # larger than a piece (2^18 elements), so that the temporaries, a piece each, are smaller
+    # than a copy; SGD itself allocates nothing
+    param = torch.nn.Parameter(torch.ones(640, 512))
     opt = mechanize(torch.optim.SGD, keep_copy=keep_copy)([param], lr=1.0)
     _scripted(opt, [param], 2)
     param.grad = torch.ones_like(param)
     with profile(profile_memory=True) as profiler:
         opt.step()
     copies = [event.name for event in profiler.events()
-              if event.name.startswith("aten::") and event.cpu_memory_usage == 64 * 32 * 4]
+              if event.name.startswith("aten::") and event.cpu_memory_usage == 640 * 512 * 4]
     assert (copies == []) if keep_copy else ("aten::empty_like" in copies)
 
 
