@@ -114,9 +114,10 @@ class GradientTransformation(NamedTuple):
     state, a, b)``, when given, is ``update`` without its last acts, a scaling and decoupled
     weight decay: ``update`` returns ``a·u + b·params`` (a and b scalars). An optimizer that adds
     the result to its parameters folds them into that addition (``x <- (1 + b)·x + a·u``,
-    passes over the updates fewer). ``affine`` transforms are such a scaling or decay and nothing
-    else: ``update`` returns ``a·u + b·params`` of the updates as given, and so does
-    ``unscaled`` (``scale``, ``scale_by_learning_rate``, unmasked ``add_decayed_weights``).
+    passes over the updates fewer); ``inject_hyperparams`` offers it when the transform it
+    builds does. ``affine`` transforms are such a scaling or decay and nothing else: ``update``
+    returns ``a·u + b·params`` of the updates as given, and so does ``unscaled`` (``scale``,
+    ``scale_by_learning_rate``, unmasked ``add_decayed_weights``).
     ``into_params(updates, state, params, a, b, **extras) -> state``, when given, adds the
     transform's updates to the parameters itself, ``params <- params + b·params + a·u`` in place:
     the same numbers as ``unscaled`` (``update`` where there is none) followed by that addition,

@@ -412,7 +412,11 @@ def inject_hyperparams(factory: Callable[..., GradientTransformation],
     transform every step from the hyperparameters' current values, which it keeps in its state
     (``state.hyperparams``) for inspection and logging. The inner state carries over from step
     to step. A hyperparameter is scheduled when its value is a number or a callable, unless it
-    is named in ``static_args`` or its default is not a number (as for ``mask=None``).
+    is named in ``static_args`` or its default is not a number (as for ``mask=None``). Its
+    flags are those of the transform built from the first step's values: where that transform
+    offers ``unscaled``, so does this one, and where it applies itself (``into_params`` or
+    ``unscaled``), this one offers ``into_params``; each step then runs the transform built from
+    that step's values in that form, with the same numbers as ``update``.
 
     Example:
         >>> from gradchain.transforms import scale_by_adam
@@ -438,24 +442,36 @@ def inject_hyperparams(factory: Callable[..., GradientTransformation],
             current = values(0)
             return InjectState(0, {k: current[k] for k in numeric}, first.init(params))
 
+        def advanced(state: InjectState, current: dict[str, Any], inner_state: Any
+                     ) -> InjectState:
+            """The state after the step that used the values ``current``."""
+            return InjectState(state.count + 1, {k: current[k] for k in numeric}, inner_state)
+
         def update(updates: Tree, state: InjectState, params: Tree | None = None, **extras):
             current = values(state.count)
             inner = factory(**current)
             updates, inner_state = inner.update(updates, state.inner, params, **extras)
-            return updates, InjectState(state.count + 1, {k: current[k] for k in numeric},
-                                        inner_state)
+            return updates, advanced(state, current, inner_state)
 
         def into_params(updates: Tree, state: InjectState, params: Tree, a: Any, b: Any,
                         **extras: Any) -> InjectState:
             current = values(state.count)
             inner_state = _into(factory(**current), updates, state.inner, params, a, b, extras)
-            return InjectState(state.count + 1, {k: current[k] for k in numeric}, inner_state)
+            return advanced(state, current, inner_state)
+
+        def unscaled(updates: Tree, state: InjectState, params: Tree | None = None,
+                     **extras: Any) -> tuple[Tree, InjectState, Any, Any]:
+            current = values(state.count)
+            updates, inner_state, a, b = factory(**current).unscaled(updates, state.inner,
+                                                                     params, **extras)
+            return updates, advanced(state, current, inner_state), a, b
 
         return GradientTransformation(init, update, terminal=first.terminal,
                                       leafwise=first.leafwise, elementwise=first.elementwise,
                                       needs_hvp=None if first.needs_hvp is None else
                                       lambda state: needs_hvp(first, state.inner),
                                       accepts_sparse=first.accepts_sparse,
+                                      unscaled=unscaled if first.unscaled is not None else None,
                                       into_params=into_params if _adds_itself(first) else None)
 
     return build

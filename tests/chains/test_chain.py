@@ -577,3 +577,110 @@ def test_apply_if_finite_into_params_skips_a_non_finite_step():
     assert (state.consecutive_skips, state.total_skips) == (1, 1)
     state = tx.into_params([torch.ones(3, 2, dtype=torch.float64)], state, x, -0.1, 0.0)
     assert state.consecutive_skips == 0 and not torch.equal(x[0], torch.ones(3, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# inject_hyperparams offers unscaled when the transform it builds does: its scale and decay
+# are folded into the addition to the parameters, as without the injection
+
+
+def _rate(count: int) -> float:
+    return 0.05 / (1 + count)
+
+
+def _weight_decay(count: int) -> float:
+    return 0.1 + 0.02 * count
+
+
+def _b1(count: int) -> float:
+    return 0.5 + 0.04 * count
+
+
+def _injected_and_plain(case: str) -> tuple[GradientTransformation, GradientTransformation]:
+    """A transform with inject_hyperparams and the same one without it (its hyperparameters
+    the same schedules, taken by the transform itself)."""
+    from gradchain.chains import adamw, inject_hyperparams
+
+    if case == "adamw":
+        return (inject_hyperparams(adamw)(learning_rate=_rate, weight_decay=_weight_decay),
+                adamw(learning_rate=_rate, weight_decay=_weight_decay))
+    if case == "adamw-after-clip":
+        return (chain(clip_by_global_norm(1.0), inject_hyperparams(adamw)(
+                    learning_rate=_rate, weight_decay=_weight_decay)),
+                chain(clip_by_global_norm(1.0), adamw(learning_rate=_rate,
+                                                      weight_decay=_weight_decay)))
+    if case == "lr-member":
+        return (chain(scale_by_adam(), inject_hyperparams(scale_by_learning_rate)(_rate)),
+                chain(scale_by_adam(), scale_by_learning_rate(_rate)))
+    assert case == "adam-before-tail"
+    return (chain(inject_hyperparams(scale_by_adam)(b1=_b1), add_decayed_weights(0.1),
+                  scale_by_learning_rate(0.01)),
+            chain(scale_by_adam(b1=_b1), add_decayed_weights(0.1), scale_by_learning_rate(0.01)))
+
+
+_INJECTED_CASES = ["adamw", "adamw-after-clip", "lr-member", "adam-before-tail"]
+
+
+def test_inject_hyperparams_offers_unscaled_where_the_transform_it_builds_does():
+    from gradchain.chains import adamw, inject_hyperparams
+
+    assert inject_hyperparams(adamw)(learning_rate=_rate).unscaled is not None
+    assert inject_hyperparams(scale_by_learning_rate)(_rate).unscaled is not None
+    assert inject_hyperparams(scale_by_adam)(b1=_b1).unscaled is None
+    assert inject_hyperparams(add_decayed_weights)(0.1, mask=["w"]).unscaled is None
+    for case in _INJECTED_CASES:
+        assert _injected_and_plain(case)[0].unscaled is not None
+
+
+@pytest.mark.parametrize("case", _INJECTED_CASES)
+def test_injected_unscaled_gives_the_numbers_and_state_of_the_plain_transform(case):
+    injected, plain = _injected_and_plain(case)
+    params = _params()
+    state_i, state_p = injected.init(params), plain.init(params)
+    for step in range(4):
+        u_i, state_i, a_i, b_i = injected.unscaled(_grads(step), state_i, params)
+        u_p, state_p, a_p, b_p = plain.unscaled(_grads(step), state_p, params)
+        _assert_tree_equal(u_i, u_p)
+        assert (a_i, b_i) == (a_p, b_p)
+        for s_i, s_p in zip(_state_tensors(state_i), _state_tensors(state_p)):
+            assert torch.equal(s_i, s_p)
+    if case == "adamw":  # the values of the last step, recorded as update records them
+        assert state_i.count == 4
+        assert state_i.hyperparams["learning_rate"] == _rate(3) == -a_i
+        assert state_i.hyperparams["weight_decay"] == _weight_decay(3)
+
+
+def _moved_by_update(tx: GradientTransformation, steps: int) -> dict[str, torch.Tensor]:
+    """The parameters after ``steps`` steps of ``update`` and ``apply_updates``."""
+    params = _params()
+    state = tx.init(params)
+    for step in range(steps):
+        out, state = tx.update(_grads(step), state, params)
+        apply_updates(params, out)
+    return params
+
+
+def _moved_by_compiled_step(tx: GradientTransformation, steps: int) -> dict[str, torch.Tensor]:
+    """The parameters after ``steps`` runs of the step that a compiled ChainOptimizer compiles
+    (here run eagerly): ``unscaled`` and ``x <- x + b·x + a·u`` where the transform offers it."""
+    from gradchain.optimizers.adapter import _make_step
+
+    step_fn = _make_step(tx)
+    params = _params()
+    state = tx.init(params)
+    for step in range(steps):
+        state = step_fn(_grads(step), state, params, {})
+    return params
+
+
+@pytest.mark.parametrize("case", _INJECTED_CASES)
+@pytest.mark.parametrize("path", ["update", "compiled-step", "optimizer"])
+def test_injected_transform_moves_the_parameters_as_the_plain_one(case, path):
+    # bitwise, with the learning rate, weight decay or b1 changing at every step
+    injected, plain = _injected_and_plain(case)
+    if path == "optimizer":  # eager ChainOptimizer: into_params where offered
+        moved = _wrapped_against_alone(lambda tx: injected, plain)
+    else:
+        run = {"update": _moved_by_update, "compiled-step": _moved_by_compiled_step}[path]
+        moved = run(injected, 6), run(plain, 6)
+    assert all(torch.equal(p, q) for p, q in zip(leaves(moved[0]), leaves(moved[1])))
