@@ -414,7 +414,8 @@ def inject_hyperparams(factory: Callable[..., GradientTransformation],
     to step. A hyperparameter is scheduled when its value is a number or a callable, unless it
     is named in ``static_args`` or its default is not a number (as for ``mask=None``). Its
     flags are those of the transform built from the first step's values: where that transform
-    offers ``unscaled``, so does this one, and where it applies itself (``into_params`` or
+    offers ``unscaled``, so does this one (an ``affine`` one stays affine, so a chain folds it
+    into its tail), and where it applies itself (``into_params`` or
     ``unscaled``), this one offers ``into_params``; each step then runs the transform built from
     that step's values in that form, with the same numbers as ``update``.
 
@@ -472,6 +473,7 @@ def inject_hyperparams(factory: Callable[..., GradientTransformation],
                                       lambda state: needs_hvp(first, state.inner),
                                       accepts_sparse=first.accepts_sparse,
                                       unscaled=unscaled if first.unscaled is not None else None,
+                                      affine=first.affine,
                                       into_params=into_params if _adds_itself(first) else None)
 
     return build

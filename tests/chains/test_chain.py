@@ -612,13 +612,19 @@ def _injected_and_plain(case: str) -> tuple[GradientTransformation, GradientTran
     if case == "lr-member":
         return (chain(scale_by_adam(), inject_hyperparams(scale_by_learning_rate)(_rate)),
                 chain(scale_by_adam(), scale_by_learning_rate(_rate)))
+    if case == "injected-tail":  # affine members stay affine: the chain folds both
+        return (chain(scale_by_adam(), inject_hyperparams(add_decayed_weights)(_weight_decay),
+                      inject_hyperparams(scale_by_learning_rate)(_rate)),
+                chain(scale_by_adam(), add_decayed_weights(_weight_decay),
+                      scale_by_learning_rate(_rate)))
     assert case == "adam-before-tail"
     return (chain(inject_hyperparams(scale_by_adam)(b1=_b1), add_decayed_weights(0.1),
                   scale_by_learning_rate(0.01)),
             chain(scale_by_adam(b1=_b1), add_decayed_weights(0.1), scale_by_learning_rate(0.01)))
 
 
-_INJECTED_CASES = ["adamw", "adamw-after-clip", "lr-member", "adam-before-tail"]
+_INJECTED_CASES = ["adamw", "adamw-after-clip", "lr-member", "injected-tail",
+                   "adam-before-tail"]
 
 
 def test_inject_hyperparams_offers_unscaled_where_the_transform_it_builds_does():
@@ -628,6 +634,8 @@ def test_inject_hyperparams_offers_unscaled_where_the_transform_it_builds_does()
     assert inject_hyperparams(scale_by_learning_rate)(_rate).unscaled is not None
     assert inject_hyperparams(scale_by_adam)(b1=_b1).unscaled is None
     assert inject_hyperparams(add_decayed_weights)(0.1, mask=["w"]).unscaled is None
+    assert inject_hyperparams(scale_by_learning_rate)(_rate).affine
+    assert not inject_hyperparams(add_decayed_weights)(0.1, mask=["w"]).affine
     for case in _INJECTED_CASES:
         assert _injected_and_plain(case)[0].unscaled is not None
 
