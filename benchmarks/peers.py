@@ -70,6 +70,7 @@ Needs heavyball 0.8.1, pytorch-optimizer, torch-SM3 and mechanic-pytorch
     python benchmarks/peers.py                               # every family, 25-40 minutes here
     python benchmarks/peers.py --family heavyball-adam --repeats 40
     python benchmarks/peers.py --family soap --no-compile
+    python benchmarks/peers.py --family soap --recipe PrecondSchedule --markdown
     python benchmarks/peers.py --family adamw --markdown
     python benchmarks/peers.py --small --repeats 3           # smoke test
 """
@@ -401,6 +402,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help=f"measured rounds (default {REPEATS}; "
                         f"SOAP: {SOAP_FREQUENCY}, a refresh period, and {SCHEDULED_REPEATS} "
                         "on the preconditioner schedule)")
+    parser.add_argument("--recipe", metavar="TEXT",
+                        help="only the recipes whose name contains TEXT")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true", help="eager candidates only")
     parser.add_argument("--markdown", action="store_true", help="also print the summary rows")
@@ -422,6 +425,8 @@ def main() -> None:
     rows = []
     for family in FAMILIES if args.family == "all" else [args.family]:
         for recipe in BUILDERS[family]():
+            if args.recipe is not None and args.recipe not in recipe.name:
+                continue
             if args.no_compile:
                 recipe = without_compiled(recipe)
             repeats = args.repeats or recipe.repeats
