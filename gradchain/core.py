@@ -622,7 +622,9 @@ def decay_product(decay: Hyper, count: int) -> float:
         >>> decay_product(0.5, 2)
         0.125
     """
-    product = getattr(decay, "product", None)
+    # a number is never asked for the method: under torch.compile a decay that differs between
+    # param groups is a symbolic float, whose attribute lookup would break the graph
+    product = getattr(decay, "product", None) if callable(decay) else None
     if product is not None:
         return float(product(count))
     t = count + 1

@@ -8,7 +8,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from copy import deepcopy
-from types import EllipsisType
+from types import CodeType, EllipsisType, FunctionType
 from typing import Any
 
 import torch
@@ -209,6 +209,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._group_steps: list[int] = []
         self._built: list[tuple[Any, GradientTransformation, Callable | None] | None] = []
         self._recompiles: dict[int, int] = {}  # per group: rebuilds of its compiled chain
+        self._step_code: CodeType | None = None  # the code its compiled steps run (_own_step)
         super().__init__(params, defaults)
         # every parameter has an entry from the start, so torch.distributed.checkpoint reads
         # state_dict() (which holds the initial state) instead of creating the state with a
@@ -275,10 +276,22 @@ class ChainOptimizer(torch.optim.Optimizer):
         lr = self._lr_tensors[index]
         tx = self._build({**hyperparameters, rate: lambda count: lr} if tensor_lr
                          else hyperparameters)
-        compiled = torch.compile(_make_step(tx, not self._rounds(group)),
+        compiled = torch.compile(self._own_step(_make_step(tx, not self._rounds(group))),
                                  options=COMPILE_OPTIONS) if self._compile else None
         self._built[index] = (key, tx, compiled)
         return tx, compiled
+
+    def _own_step(self, step: Callable[..., Any]) -> Callable[..., Any]:
+        """``step`` running this optimizer's own copy of its code. Dynamo keeps its compiled
+        graphs, and counts them against ``torch._dynamo.config.recompile_limit`` (8), per code
+        object: with one code for every optimizer, the chains compiled after the first few in a
+        process (a notebook's ablations) would run eagerly. The groups of one optimizer share its
+        copy, so groups that differ only in their learning rates share one graph."""
+        code = self.__dict__.get("_step_code")  # absent in optimizers pickled before it
+        if code is None:
+            code = self._step_code = step.__code__.replace()
+        return FunctionType(code, step.__globals__, step.__name__, step.__defaults__,
+                            step.__closure__)
 
     def _note_recompile(self, index: int, before: dict[str, Any], now: dict[str, Any]) -> None:
         """Warns once, at the second rebuild of a group's compiled chain (each compiles the step
@@ -599,6 +612,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         state = dict(self.__dict__)
         state["_built"] = [None] * len(self._built)
         state["_state_view"] = None
+        state["_step_code"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

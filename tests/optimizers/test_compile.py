@@ -177,3 +177,41 @@ def test_one_change_of_every_group_s_hyperparameters_is_not_warned_about():
             loss().backward()
             optimizer.step()
     assert not [w for w in caught if "compiles the step anew" in str(w.message)]
+
+
+def test_groups_with_different_betas_compile_without_graph_breaks():
+    # the second group's decays are symbolic floats to dynamo (they differ from the first's):
+    # the bias corrections must not look up attributes on them
+    def run_groups(compile: bool) -> list[torch.Tensor]:
+        params, loss = problem()
+        groups = [{"params": [p], "betas": (0.9 - 0.1 * i, 0.99)} for i, p in enumerate(params)]
+        optimizer = AdamW(groups, lr=0.1, compile=compile)
+        for _ in range(3):
+            optimizer.zero_grad()
+            loss().backward()
+            optimizer.step()
+        return [p.detach() for p in params]
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = run_groups(compile=True)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    for a, b in zip(compiled, run_groups(compile=False)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_each_optimizer_compiles_its_own_steps_past_dynamo_s_recompile_limit():
+    # dynamo counts compiled graphs per code object, up to recompile_limit (8): every optimizer
+    # runs its own copy of the step's code, so a notebook's tenth compiled optimizer still compiles
+    torch._dynamo.reset()
+    counters.clear()
+    limit = torch._dynamo.config.recompile_limit
+    for index in range(limit + 2):
+        params, loss = problem()
+        optimizer = AdamW(params, lr=0.1, betas=(0.5 + 0.01 * index, 0.99), compile=True)
+        before = graphs()
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+        assert graphs() > before, f"optimizer {index} ran its step eagerly"
