@@ -63,14 +63,15 @@ class SoapState(NamedTuple):
 
     ``count``: calls so far that were not skipped (the first one only initialises).
     ``refresh_accumulator``: :math:`\\sum_j 1/f(j)` for a refresh schedule (0 for a constant
-    frequency). ``mu_rotated``: whether ``mu`` is in the rotated basis (True) or in the
-    parameters' (False) at the next update (``rotated_first_moment``). Per parameter, in its
-    merged shape (``merged_shape``): ``mu``, the first moment (``None`` when ``b1 == 0``), and
-    ``nu``, the second moment in the rotated basis; ``gram`` and ``basis``, one entry per merged axis: the Gram EMA
-    :math:`L_a` and the basis :math:`Q_a` (both :math:`d_a \\times d_a`), or ``None`` for an axis
-    that is not preconditioned. :math:`L_a` is symmetric; between refreshes only its lower
-    triangle is kept current (each refresh, which alone reads it, mirrors it onto the upper one),
-    so read it as ``gram.tril() + gram.tril(-1).T``. Checkpoint keys: ``"mu"``, ``"nu"``,
+    frequency). ``mu_rotated``: whether ``mu`` is in the rotated basis (True; while the refresh
+    interval is at least 2 updates) or in the parameters' (False) for the next update. Per
+    parameter, in its merged shape (``merged_shape``): ``mu``, the first moment (``None`` when
+    ``b1 == 0``), and ``nu``, the second moment in the rotated basis; ``gram`` and ``basis``,
+    one entry per merged axis: the Gram EMA :math:`L_a` and the basis :math:`Q_a` (both
+    :math:`d_a \\times d_a`), or ``None`` for an axis that is not preconditioned. :math:`L_a` is
+    symmetric; between refreshes only its lower triangle is kept current (each refresh, which
+    alone reads it, mirrors it onto the upper one), so read it as
+    ``gram.tril() + gram.tril(-1).T``. Checkpoint keys: ``"mu"``, ``"nu"``,
     ``"gram.1"``, ``"basis.0"``, ...
 
     Example:
@@ -434,9 +435,10 @@ def soap_precondition(b1: Hyper = 0.9, b2: Hyper = 0.95, shampoo_beta: Hyper | N
     before update 1000), m stays in the parameters' basis, :math:`m \leftarrow \hat\beta_1 m
     + (1-\hat\beta_1) G_k` and :math:`o = P^{-1}(P(m)/\max(\sqrt v, \epsilon))`: a third
     projection per step, none at a refresh. Both are the same update in exact arithmetic
-    (§5.7 step 4); m changes basis when the interval crosses 2. Cost per step :math:`O(n \sum_a d_a)` for n entries, per refresh
-    :math:`O(\sum_a d_a^3)`; memory :math:`2n + 2\sum_a d_a^2` (n less when ``b1 = 0``, which
-    keeps no first moment and divides :math:`G'` itself).
+    (§5.7 step 4); m changes basis when the interval crosses 2. Cost per step
+    :math:`O(n \sum_a d_a)` for n entries, per refresh :math:`O(\sum_a d_a^3)`; memory
+    :math:`2n + 2\sum_a d_a^2` (n less when ``b1 = 0``, which keeps no first moment and
+    divides :math:`G'` itself).
 
     Variants: ``debias="adam"`` (original SOAP) keeps raw EMAs with :math:`\beta_i` and scales
     the output by :math:`\sqrt{1-P_{2,k}}/(1-P_{1,k})`; ``eps_mode="add"`` divides by
