@@ -415,9 +415,9 @@ def inject_hyperparams(factory: Callable[..., GradientTransformation],
     is named in ``static_args`` or its default is not a number (as for ``mask=None``). Its
     flags are those of the transform built from the first step's values: where that transform
     offers ``unscaled``, so does this one (an ``affine`` one stays affine, so a chain folds it
-    into its tail), and where it applies itself (``into_params`` or
-    ``unscaled``), this one offers ``into_params``; each step then runs the transform built from
-    that step's values in that form, with the same numbers as ``update``.
+    into its tail), and where it applies itself (``into_params`` or ``unscaled``), this one
+    offers ``into_params``; each step then runs the transform built from that step's values in
+    that form, with the same numbers as ``update``.
 
     Example:
         >>> from gradchain.transforms import scale_by_adam
